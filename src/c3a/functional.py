@@ -1,0 +1,105 @@
+"""The C³A operator: block-circular convolution with exact real-FFT autograd.
+
+Conventions (paper §3.2, same as PEFT's C3A): a kernel ``k`` of shape ``(m, n, b)`` describes the
+``(m·b) × (n·b)`` block matrix whose block ``(i, j)`` is the circulant ``C(k[i, j])`` with first row
+``k[i, j]`` and every next row shifted right by one, i.e. ``C(v)[r, c] = v[(c - r) mod b]``.
+
+So ``y = C x`` is a circular *cross-correlation*; with real FFTs over the last axis
+``Y_i = Σ_j conj(K_ij) ∘ X_j``. The input gradient is the transpose, ``G_x,j = Σ_i K_ij ∘ G_i``
+(a convolution, no conjugate), and the kernel gradient is ``irfft(Σ_tokens conj(G_i) ∘ X_j)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+from torch.fft import irfft, rfft
+
+__all__ = ["block_circular_conv", "circulant_matrix"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # FFTs in half precision are inexact and need power-of-two sizes: compute in fp32 (or fp64).
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _mix(spec: torch.Tensor, k_spec: torch.Tensor) -> torch.Tensor:
+    """Per-frequency matrix product: ``(T, p, F) x (F, p, q) -> (T, q, F)``.
+
+    One batched complex GEMM over the ``F`` frequencies (BLAS), instead of an einsum over tokens.
+    """
+    return torch.matmul(spec.permute(2, 0, 1), k_spec).permute(1, 2, 0)
+
+
+def _check(x: torch.Tensor, kernel: torch.Tensor) -> None:
+    if kernel.dim() != 3:
+        raise ValueError(f"kernel must have shape (m, n, b), got {tuple(kernel.shape)}")
+    _, n, b = kernel.shape
+    if x.shape[-1] != n * b:
+        raise ValueError(
+            f"input's last dimension {x.shape[-1]} does not match the kernel: n·b = {n}·{b} = {n * b}"
+        )
+
+
+class _BlockCircularConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        m, n, b = kernel.shape
+        dtype = _compute_dtype(torch.promote_types(x.dtype, kernel.dtype))
+        k_spec = rfft(kernel.to(dtype), dim=-1)  # (m, n, F)
+        x_spec = rfft(x.reshape(-1, n, b).to(dtype), dim=-1)  # (T, n, F)
+        y_spec = _mix(x_spec, k_spec.conj().permute(2, 1, 0))  # (T, m, F)
+        y = irfft(y_spec, n=b, dim=-1)
+        # Only x (in its own dtype, usually shared with the frozen base layer) and the small kernel
+        # spectrum are kept for backward: no fp32 or frequency-domain copy of the activation.
+        ctx.save_for_backward(x, k_spec)
+        ctx.kernel_dtype = kernel.dtype
+        return y.reshape(*x.shape[:-1], m * b).to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        x, k_spec = ctx.saved_tensors
+        m, n, F = k_spec.shape
+        b = x.shape[-1] // n
+        dtype = k_spec.real.dtype
+        g_spec = rfft(grad_y.reshape(-1, m, b).to(dtype), dim=-1)  # (T, m, F)
+        grad_x = grad_k = None
+        if ctx.needs_input_grad[0]:
+            gx_spec = _mix(g_spec, k_spec.permute(2, 0, 1))  # (T, n, F)
+            grad_x = irfft(gx_spec, n=b, dim=-1).reshape(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            x_spec = rfft(x.reshape(-1, n, b).to(dtype), dim=-1)  # (T, n, F)
+            # Σ_t conj(G[t, i, f]) X[t, j, f] for every f: (F, m, T) @ (F, T, n) -> (F, m, n)
+            gk_spec = torch.matmul(g_spec.conj().permute(2, 1, 0), x_spec.permute(2, 0, 1))
+            grad_k = irfft(gk_spec.permute(1, 2, 0), n=b, dim=-1).to(ctx.kernel_dtype)
+        return grad_x, grad_k
+
+
+def block_circular_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Apply the block-circulant matrix of ``kernel`` to the last axis of ``x``.
+
+    Args:
+        x: ``(..., n·b)`` input, any leading dims, any float dtype.
+        kernel: ``(m, n, b)`` kernels.
+
+    Returns:
+        ``(..., m·b)`` equal to ``x @ circulant_matrix(kernel).T``, in ``x``'s dtype. Half-precision
+        inputs are computed in fp32. Gradients for ``x`` and ``kernel`` are exact (real FFTs both ways).
+    """
+    _check(x, kernel)
+    return _BlockCircularConv.apply(x, kernel)
+
+
+def circulant_matrix(kernel: torch.Tensor) -> torch.Tensor:
+    """The dense ``(m·b, n·b)`` block-circulant matrix of ``kernel`` (for tests, merging and analysis).
+
+    Block ``(i, j)`` is ``C(kernel[i, j])`` with ``C(v)[r, c] = v[(c - r) mod b]``. Differentiable.
+    """
+    if kernel.dim() != 3:
+        raise ValueError(f"kernel must have shape (m, n, b), got {tuple(kernel.shape)}")
+    m, n, b = kernel.shape
+    r = torch.arange(b, device=kernel.device)
+    idx = (r[None, :] - r[:, None]) % b  # idx[r, c] = (c - r) mod b
+    blocks = kernel[:, :, idx]  # (m, n, b, b)
+    return blocks.permute(0, 2, 1, 3).reshape(m * b, n * b)

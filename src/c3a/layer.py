@@ -1,0 +1,142 @@
+"""`C3ALinear`: a frozen linear layer plus one or more C³A deltas."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .functional import block_circular_conv, circulant_matrix
+
+
+def linear_features(layer: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a supported base layer, else ``TypeError``."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    if isinstance(layer, Conv1D):  # GPT-2 style: weight is (in, out)
+        return layer.weight.shape[0], layer.weight.shape[1]
+    raise TypeError(
+        f"C3A supports torch.nn.Linear and transformers Conv1D layers, not {type(layer).__module__}."
+        f"{type(layer).__name__}"
+    )
+
+
+def common_divisors(a: int, b: int) -> list[int]:
+    g = math.gcd(a, b)
+    return [d for d in range(1, g + 1) if g % d == 0]
+
+
+def init_kernel_(kernel: torch.Tensor, init_weights: Any, in_features: int, out_features: int) -> None:
+    with torch.no_grad():
+        if init_weights is True or init_weights == "zeros":
+            kernel.zero_()
+        elif init_weights in ("xavier_uniform", False):
+            bound = math.sqrt(6.0 / (in_features + out_features))
+            kernel.uniform_(-bound, bound)
+        elif init_weights == "kaiming_uniform":
+            bound = math.sqrt(1.0 / in_features)
+            kernel.uniform_(-bound, bound)
+        elif init_weights == "gaussian":
+            kernel.normal_()
+        else:
+            raise ValueError(f"unknown init_weights {init_weights!r}")
+
+
+class C3ALinear(nn.Module):
+    """``y = W0 x + Σ_a C_blk(kernel_a) x / d_in`` over the active adapters ``a``.
+
+    ``W0`` is the wrapped ``nn.Linear`` or ``Conv1D`` (kept as ``base_layer``, frozen). Each adapter ``a``
+    owns an fp32 kernel of shape ``(d_out/b, d_in/b, b)`` applied with :func:`block_circular_conv`;
+    every adapter sees the layer input. The ``1/d_in`` scale is the reference implementation's, so
+    kernels are interchangeable with PEFT's C3A.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear_features(base_layer)
+        self.base_layer = base_layer
+        self.c3a_kernel = nn.ParameterDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+
+    def block_size(self, adapter: str) -> int:
+        return self.c3a_kernel[adapter].shape[-1]
+
+    def check_block_size(self, block_size: int, name: str = "layer") -> None:
+        if block_size < 1 or self.in_features % block_size or self.out_features % block_size:
+            raise ValueError(
+                f"block_size {block_size} does not divide {name} (in_features={self.in_features}, "
+                f"out_features={self.out_features}); valid block sizes: "
+                f"{common_divisors(self.in_features, self.out_features)}"
+            )
+
+    def add_adapter(self, adapter: str, block_size: int, init_weights: Any = "xavier_uniform") -> None:
+        self.check_block_size(block_size)
+        weight = self.base_layer.weight
+        kernel = torch.empty(
+            self.out_features // block_size,
+            self.in_features // block_size,
+            block_size,
+            dtype=torch.float32,
+            device=weight.device,
+        )
+        init_kernel_(kernel, init_weights, self.in_features, self.out_features)
+        self.c3a_kernel[adapter] = nn.Parameter(kernel)
+
+    def delete_adapter(self, adapter: str) -> None:
+        if adapter in self.merged_adapters:
+            raise RuntimeError(f"adapter {adapter!r} is merged; unmerge it before deleting")
+        del self.c3a_kernel[adapter]
+        if adapter in self.active_adapters:
+            self.active_adapters.remove(adapter)
+
+    def delta_weight(self, adapter: str) -> torch.Tensor:
+        """``ΔW / d_in`` as ``(out, in)``, in fp32."""
+        return circulant_matrix(self.c3a_kernel[adapter].float()) / self.in_features
+
+    def _weight_delta(self, adapter: str) -> torch.Tensor:
+        delta = self.delta_weight(adapter)
+        return delta.T if isinstance(self.base_layer, Conv1D) else delta
+
+    @torch.no_grad()
+    def merge(self, adapters: Optional[Iterable[str]] = None) -> None:
+        weight = self.base_layer.weight
+        for adapter in self.active_adapters if adapters is None else adapters:
+            if adapter in self.merged_adapters or adapter not in self.c3a_kernel:
+                continue
+            merged = weight.float() + self._weight_delta(adapter).to(weight.device)
+            if not torch.isfinite(merged).all():
+                raise ValueError(f"merging adapter {adapter!r} gives non-finite weights")
+            weight.copy_(merged)
+            self.merged_adapters.append(adapter)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        weight = self.base_layer.weight
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            weight.copy_(weight.float() - self._weight_delta(adapter).to(weight.device))
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters and self.merged_adapters:
+            self.unmerge()
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        for adapter in self.active_adapters:
+            if adapter in self.merged_adapters:
+                continue
+            kernel = self.c3a_kernel[adapter]
+            # Scaling the small kernel is cheaper than scaling the (tokens, d_out) output.
+            delta = block_circular_conv(x, kernel / self.in_features)
+            result = result + delta.to(result.dtype)
+        return result
+
+    def extra_repr(self) -> str:
+        sizes = {a: self.block_size(a) for a in self.c3a_kernel}
+        return f"in_features={self.in_features}, out_features={self.out_features}, block_size={sizes}"
+
