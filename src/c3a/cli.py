@@ -1,0 +1,41 @@
+"""The `c3a` command. Thin: it picks the command's module, lets it declare its arguments, and calls it.
+
+A command ``name`` lives in ``MODULE`` as ``add_<name>_arguments(parser)`` and ``run_<name>(args)``
+(dashes become underscores). Only the chosen command's module is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    # name: (module, one-line help)
+}
+
+
+def _function(name: str, prefix: str):
+    module = importlib.import_module(COMMANDS[name][0])
+    return getattr(module, f"{prefix}_{name.replace('-', '_')}" + ("_arguments" if prefix == "add" else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="c3a", description="C³A: circular convolution adaptation")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            _function(name, "add")(p)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    result = _function(args.command, "run")(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""One registry of fine-tuning methods: C³A (ours), PEFT's baselines, and the classic ones.
+
+``build_method(model, name, options)`` freezes what the method freezes, injects what it injects and
+returns the model to train. Experiments only ever go through this module; no method knows about them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from torch import nn
+
+
+@dataclass
+class MethodOptions:
+    """Knobs shared by all experiments. ``None`` means the method's or the model's default."""
+
+    targets: Optional[list[str]] = None  # adapted modules; default: PEFT's per-model-type default
+    head: list[str] = field(default_factory=list)  # task head trained by every method, excluded from counts
+    block_size: object = 128  # C³A block size (int or "auto")
+    rank: int = 8  # LoRA / VeRA rank
+    alpha: Optional[float] = None  # LoRA alpha (default: 2·rank)
+    dropout: float = 0.0  # LoRA dropout
+    boft_block_size: int = 8
+    boft_butterfly_factor: int = 1
+    init_weights: object = "xavier_uniform"  # C³A kernel init
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    build: Callable[[nn.Module, MethodOptions], nn.Module]
+    lr: float  # default learning rate for the method's own parameters
+    weight_decay: float
+    summary: str
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in defaults:
+        raise ValueError(f"no default target modules for model type {model_type!r}; pass targets explicitly")
+    return list(defaults[model_type])
+
+
+def _targets(model: nn.Module, opts: MethodOptions) -> list[str]:
+    return list(opts.targets) if opts.targets else default_targets(model)
+
+
+def _set_trainable(model: nn.Module, keep: Callable[[str], bool]) -> nn.Module:
+    for name, p in model.named_parameters():
+        p.requires_grad_(keep(name))
+    return model
+
+
+def is_head_param(name: str, head: list[str]) -> bool:
+    parts = name.split(".")
+    return any(h in parts for h in head)
+
+
+def _c3a(model, opts):
+    from c3a import C3AConfig, get_c3a_model
+
+    config = C3AConfig(
+        block_size=opts.block_size,
+        target_modules=_targets(model, opts),
+        modules_to_save=list(opts.head) or None,
+        init_weights=opts.init_weights,
+    )
+    return get_c3a_model(model, config)
+
+
+def _peft(config_factory):
+    def build(model, opts):
+        from peft import get_peft_model
+
+        config = config_factory(model, opts)
+        config.modules_to_save = list(opts.head) or None
+        return get_peft_model(model, config)
+
+    return build
+
+
+def _lora(model, opts):
+    from peft import LoraConfig
+
+    alpha = opts.alpha if opts.alpha is not None else 2 * opts.rank
+    return LoraConfig(r=opts.rank, lora_alpha=alpha, lora_dropout=opts.dropout, target_modules=_targets(model, opts))
+
+
+def _vera(model, opts):
+    from peft import VeraConfig
+
+    return VeraConfig(r=opts.rank, target_modules=_targets(model, opts))
+
+
+def _boft(model, opts):
+    from peft import BOFTConfig
+
+    return BOFTConfig(
+        boft_block_size=opts.boft_block_size,
+        boft_n_butterfly_factor=opts.boft_butterfly_factor,
+        target_modules=_targets(model, opts),
+    )
+
+
+def _ia3(model, opts):
+    from peft import IA3Config
+
+    return IA3Config(target_modules=_targets(model, opts), feedforward_modules=[])
+
+
+def _peft_c3a(model, opts):
+    from peft import C3AConfig as PeftC3AConfig
+
+    return PeftC3AConfig(block_size=opts.block_size, target_modules=_targets(model, opts), init_weights=opts.init_weights)
+
+
+def _bitfit(model, opts):
+    return _set_trainable(model, lambda n: n.endswith("bias") or is_head_param(n, opts.head))
+
+
+def _head(model, opts):
+    if not opts.head:
+        raise ValueError("method 'head' needs the names of the head modules (MethodOptions.head)")
+    return _set_trainable(model, lambda n: is_head_param(n, opts.head))
+
+
+def _full(model, opts):
+    return _set_trainable(model, lambda n: True)
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("c3a", _c3a, 1e-1, 1e-4, "C³A block-circulant adapter (this library)"),
+        Method("lora", _peft(_lora), 4e-4, 0.0, "LoRA (PEFT)"),
+        Method("vera", _peft(_vera), 4e-3, 0.0, "VeRA (PEFT)"),
+        Method("boft", _peft(_boft), 3e-4, 0.0, "BOFT (PEFT)"),
+        Method("ia3", _peft(_ia3), 3e-3, 0.0, "(IA)³ (PEFT)"),
+        Method("peft-c3a", _peft(_peft_c3a), 1e-1, 1e-4, "PEFT's C3A tuner (reference implementation)"),
+        Method("bitfit", _bitfit, 1e-3, 0.0, "BitFit: biases only"),
+        Method("head", _head, 4e-3, 0.0, "the task head only"),
+        Method("full", _full, 2e-5, 0.01, "full fine-tuning"),
+    ]
+}
+
+
+def build_method(model: nn.Module, name: str, options: Optional[MethodOptions] = None) -> nn.Module:
+    """Prepare ``model`` for training with method ``name``; returns the (possibly wrapped) model."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    return METHODS[name].build(model, options or MethodOptions())
+
+
+def trainable_parameters(model: nn.Module, head: list[str] = ()) -> int:
+    """Trainable parameters, the task head excluded (as the paper counts them)."""
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not is_head_param(n, list(head)))
