@@ -1,0 +1,132 @@
+import pytest
+import torch
+from torch.autograd.gradcheck import GradcheckError
+
+from c3a.functional import block_circular_conv, circulant_matrix
+
+SHAPES = [(1, 1, 1), (1, 1, 7), (2, 3, 5), (3, 2, 4), (4, 4, 8), (1, 3, 6), (2, 1, 9), (3, 5, 1), (2, 2, 16)]
+
+
+def _naive_circulant(kernel):
+    """Straight from the definition: block (i, j), row r is kernel[i, j] rolled right by r."""
+    m, n, b = kernel.shape
+    out = torch.zeros(m * b, n * b, dtype=kernel.dtype)
+    for i in range(m):
+        for j in range(n):
+            for r in range(b):
+                out[i * b + r, j * b : (j + 1) * b] = torch.roll(kernel[i, j], r)
+    return out
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_circulant_matrix_convention(shape):
+    k = torch.randn(*shape, dtype=torch.float64)
+    dense = circulant_matrix(k)
+    assert torch.equal(dense, _naive_circulant(k))
+    m, n, b = shape
+    assert torch.equal(dense[0, :b], k[0, 0])  # first row of block (0, 0) is the kernel itself
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("lead", [(), (5,), (2, 3)])
+def test_forward_and_gradients_match_dense(shape, lead):
+    m, n, b = shape
+    torch.manual_seed(0)
+    k = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(*lead, n * b, dtype=torch.float64, requires_grad=True)
+    y = block_circular_conv(x, k)
+    k2, x2 = k.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    y2 = x2 @ circulant_matrix(k2).T
+    assert y.shape == (*lead, m * b)
+    torch.testing.assert_close(y, y2, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(k.grad, k2.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gradcheck(shape):
+    m, n, b = shape
+    torch.manual_seed(1)
+    k = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, n * b, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(block_circular_conv, (x, k))
+
+
+def test_gradient_for_one_input_only():
+    k = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(block_circular_conv(x, k.detach()).sum(), x)
+    (gk,) = torch.autograd.grad(block_circular_conv(x.detach(), k).sum(), k)
+    dense = circulant_matrix(k.detach())
+    torch.testing.assert_close(gx, torch.ones(5, 8, dtype=torch.float64) @ dense)
+    torch.testing.assert_close(gk, torch.autograd.grad((x.detach() @ circulant_matrix(k).T).sum(), k)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(dtype):
+    torch.manual_seed(0)
+    k = torch.randn(2, 3, 8, requires_grad=True)  # kernels stay fp32
+    x = torch.randn(4, 24).to(dtype).requires_grad_()
+    y = block_circular_conv(x, k)
+    assert y.dtype == dtype
+    ref = x.detach().float() @ circulant_matrix(k.detach()).T
+    torch.testing.assert_close(y.float(), ref.to(dtype).float(), rtol=2e-2, atol=2e-2)
+    y.float().sum().backward()
+    assert x.grad.dtype == dtype and k.grad.dtype == torch.float32
+    ref_gk = torch.autograd.grad((x.detach().float() @ circulant_matrix(k).T).sum(), k)[0]
+    torch.testing.assert_close(k.grad, ref_gk, rtol=1e-4, atol=1e-4)
+
+
+def test_saves_only_input_in_its_own_dtype():
+    x = torch.randn(4, 24, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(2, 3, 8, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block_circular_conv(x, k)
+    activations = [t for t in saved if t.numel() >= x.numel()]
+    assert len(activations) == 1 and activations[0].dtype == torch.bfloat16
+    assert activations[0].data_ptr() == x.data_ptr()  # the input itself, no copy
+
+
+def test_shape_errors():
+    with pytest.raises(ValueError, match="n·b"):
+        block_circular_conv(torch.randn(2, 10), torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match=r"\(m, n, b\)"):
+        block_circular_conv(torch.randn(2, 12), torch.randn(3, 4))
+
+
+def test_double_backward_is_refused_not_wrong():
+    k = torch.randn(1, 1, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(block_circular_conv(x, k).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()
+
+
+def test_peft_reference_input_gradient_is_wrong():
+    """PEFT's BlockCircularConvolution returns C·g as the input gradient instead of Cᵀ·g; ours is exact.
+
+    If this test fails because PEFT's gradient became right, PEFT has fixed the bug: update the README.
+    """
+    utils = pytest.importorskip("peft.tuners.c3a.utils")
+    torch.manual_seed(0)
+    k = torch.randn(2, 2, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    peft_op = utils.BlockCircularConvolution.apply
+    torch.testing.assert_close(peft_op(x, k), block_circular_conv(x, k))  # same forward, same convention
+    with pytest.raises(GradcheckError):
+        torch.autograd.gradcheck(peft_op, (x, k.detach()))
+    assert torch.autograd.gradcheck(block_circular_conv, (x, k.detach()))
+    g = torch.randn(3, 8, dtype=torch.float64)  # not all-ones: circulant row and column sums coincide
+    (g_peft,) = torch.autograd.grad(peft_op(x, k), x, g)
+    (g_ours,) = torch.autograd.grad(block_circular_conv(x, k), x, g)
+    torch.testing.assert_close(g_ours, g @ circulant_matrix(k.detach()))  # Cᵀ·g, the chain rule
+    assert not torch.allclose(g_peft, g_ours)
