@@ -404,3 +404,23 @@ def test_peft_multi_adapter_bug_and_ours(tiny_bert, token_ids):
         torch.testing.assert_close(ours.model.get_submodule(name)(x), expected, rtol=1e-5, atol=1e-5)
         theirs_out = theirs.base_model.model.get_submodule(name)(x)
     assert (theirs_out - expected).abs().max() > 0.1 * (expected - tiny_bert.get_submodule(name)(x)).abs().max()
+
+
+@pytest.mark.parametrize("fold_ratio", [0, 10**9])  # FFT path, folded-weight path
+@pytest.mark.parametrize("base_cls", ["linear", "conv1d"])
+def test_both_layer_paths_exact(monkeypatch, fold_ratio, base_cls):
+    monkeypatch.setattr("c3a.layer.FOLD_RATIO", fold_ratio)
+    torch.manual_seed(0)
+    base = (nn.Linear(12, 8) if base_cls == "linear" else Conv1D(8, 12)).double()
+    layer = C3ALinear(base)
+    layer.add_adapter("a", 4, "gaussian")
+    layer.add_adapter("b", 2, "gaussian")
+    layer.active_adapters = ["a", "b"]
+    layer.double()  # gradcheck needs float64 kernels too
+    layer.base_layer.bias.requires_grad_(True)
+    x = torch.randn(2, 3, 12, dtype=torch.float64, requires_grad=True)
+    weight = base.weight if base_cls == "linear" else base.weight.T
+    dense = weight + sum(circulant_matrix(layer.c3a_kernel[a]) / 12 for a in ("a", "b"))
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, dense, base.bias))
+    params = (x, layer.c3a_kernel["a"], layer.c3a_kernel["b"], layer.base_layer.bias)
+    assert torch.autograd.gradcheck(lambda x, *_: layer(x), params)

@@ -11,11 +11,13 @@ So ``y = C x`` is a circular *cross-correlation*; with real FFTs over the last a
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 from torch.autograd.function import once_differentiable
 from torch.fft import irfft, rfft
 
-__all__ = ["block_circular_conv", "circulant_matrix"]
+__all__ = ["block_circular_conv", "block_circulant_linear", "circulant_matrix"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -69,11 +71,16 @@ class _BlockCircularConv(torch.autograd.Function):
             gx_spec = _mix(g_spec, k_spec.permute(2, 0, 1))  # (T, n, F)
             grad_x = irfft(gx_spec, n=b, dim=-1).reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            x_spec = rfft(x.reshape(-1, n, b).to(dtype), dim=-1)  # (T, n, F)
-            # Σ_t conj(G[t, i, f]) X[t, j, f] for every f: (F, m, T) @ (F, T, n) -> (F, m, n)
-            gk_spec = torch.matmul(g_spec.conj().permute(2, 1, 0), x_spec.permute(2, 0, 1))
-            grad_k = irfft(gk_spec.permute(1, 2, 0), n=b, dim=-1).to(ctx.kernel_dtype)
+            grad_k = _kernel_grad(x, g_spec, n, b).to(ctx.kernel_dtype)
         return grad_x, grad_k
+
+
+def _kernel_grad(x: torch.Tensor, g_spec: torch.Tensor, n: int, b: int) -> torch.Tensor:
+    """``irfft(Σ_t conj(G_i) ∘ X_j)``: the (real) correlation of output gradient and input, ``(m, n, b)``."""
+    x_spec = rfft(x.reshape(-1, n, b).to(g_spec.real.dtype), dim=-1)  # (T, n, F)
+    # One batched GEMM over frequencies: (F, m, T) @ (F, T, n) -> (F, m, n)
+    gk_spec = torch.matmul(g_spec.conj().permute(2, 1, 0), x_spec.permute(2, 0, 1))
+    return irfft(gk_spec.permute(1, 2, 0), n=b, dim=-1)
 
 
 def block_circular_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -99,7 +106,81 @@ def circulant_matrix(kernel: torch.Tensor) -> torch.Tensor:
     if kernel.dim() != 3:
         raise ValueError(f"kernel must have shape (m, n, b), got {tuple(kernel.shape)}")
     m, n, b = kernel.shape
-    r = torch.arange(b, device=kernel.device)
-    idx = (r[None, :] - r[:, None]) % b  # idx[r, c] = (c - r) mod b
-    blocks = kernel[:, :, idx]  # (m, n, b, b)
-    return blocks.permute(0, 2, 1, 3).reshape(m * b, n * b)
+    return _circulant_blocks(kernel).permute(0, 2, 1, 3).reshape(m * b, n * b)
+
+
+def _circulant_blocks(kernel: torch.Tensor) -> torch.Tensor:
+    """``(m, n, b, b)`` circulant blocks. Windows of the wrapped kernel form a Hankel matrix
+    ``H[s, c] = v[(s + c) mod b]`` as a view; taking its rows in the order ``(b - r) mod b`` gives
+    ``C[r, c] = v[(c - r) mod b]`` with a single row-contiguous copy (much cheaper than a gather)."""
+    b = kernel.shape[-1]
+    hankel = torch.cat([kernel, kernel[..., :-1]], dim=-1).unfold(-1, b, 1)
+    rows = (b - torch.arange(b, device=kernel.device)) % b
+    return hankel[:, :, rows]
+
+
+def _effective_weight(weight: torch.Tensor, kernels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``weight + Σ circulant_matrix(k)`` as ``(out, in)``, each add one strided pass."""
+    out = weight
+    for kernel in kernels:
+        m, n, b = kernel.shape
+        blocks = _circulant_blocks(kernel.to(weight.dtype)).permute(0, 2, 1, 3)
+        out = torch.add(out.view(m, b, n, b), blocks).view(m * b, n * b)
+    return out
+
+
+class _BlockCirculantLinear(torch.autograd.Function):
+    """``F.linear(x, weight + Σ_k C(k), bias)`` in one GEMM; kernel gradients by FFT correlation.
+
+    The dense delta costs ``d_out·d_in`` to build, independent of the number of tokens, and the GEMM is
+    the one the frozen layer runs anyway; the kernel gradient never forms the ``d_out×d_in`` weight
+    gradient. Saved for backward: ``x``, the weight and the kernels (no new activations).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, *kernels):
+        ctx.save_for_backward(x, weight, *kernels)
+        ctx.has_bias = bias is not None
+        return torch.nn.functional.linear(x, _effective_weight(weight, kernels), bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, weight, *kernels = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        g2 = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if needs[0]:
+            grad_x = (g2 @ _effective_weight(weight, kernels)).view(x.shape)
+        if needs[1]:
+            grad_w = g2.T @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and needs[2]:
+            grad_b = g2.sum(0)
+        grad_ks = []
+        for kernel, need in zip(kernels, needs[3:]):
+            if not need:
+                grad_ks.append(None)
+                continue
+            m, n, b = kernel.shape
+            dtype = _compute_dtype(kernel.dtype)
+            g_spec = rfft(g2.reshape(-1, m, b).to(dtype), dim=-1)
+            grad_ks.append(_kernel_grad(x, g_spec, n, b).to(kernel.dtype))
+        return (grad_x, grad_w, grad_b, *grad_ks)
+
+
+def block_circulant_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], kernels: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias) + Σ_k block_circular_conv(x, k)``, computed as one dense GEMM.
+
+    For full-precision weights and many tokens this is the fast path: the block-circulant delta is
+    folded into the weight (``d_out·d_in`` work, independent of tokens). Not for half-precision weights:
+    rounding ``weight + delta`` to bf16/fp16 would swallow the small delta. Exact gradients for all inputs.
+    """
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        raise ValueError("block_circulant_linear needs fp32/fp64 weights; use block_circular_conv")
+    for kernel in kernels:
+        _check(x, kernel)
+        if kernel.shape[0] * kernel.shape[2] != weight.shape[0]:
+            raise ValueError(f"kernel {tuple(kernel.shape)} does not fit weight {tuple(weight.shape)}")
+    return _BlockCirculantLinear.apply(x, weight, bias, *kernels)

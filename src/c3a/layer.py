@@ -9,7 +9,11 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .functional import block_circular_conv, circulant_matrix
+from .functional import block_circulant_linear, block_circular_conv, circulant_matrix
+
+# Fold the delta into the weight when tokens·(d_in + d_out)·FOLD_RATIO ≥ d_in·d_out (measured crossover,
+# see docs/performance.md).
+FOLD_RATIO = 2
 
 
 def linear_features(layer: nn.Module) -> tuple[int, int]:
@@ -124,17 +128,33 @@ class C3ALinear(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters and self.merged_adapters:
             self.unmerge()
+        active = [] if self.disable_adapters else [a for a in self.active_adapters if a not in self.merged_adapters]
+        # Scaling the small kernel is cheaper than scaling the (tokens, d_out) output.
+        kernels = [self.c3a_kernel[a] / self.in_features for a in active]
+        if kernels and not args and not kwargs and self._fold_into_weight(x):
+            weight = self.base_layer.weight
+            weight = weight.T if isinstance(self.base_layer, Conv1D) else weight
+            return block_circulant_linear(x, weight, self.base_layer.bias, kernels)
         result = self.base_layer(x, *args, **kwargs)
-        if self.disable_adapters:
-            return result
-        for adapter in self.active_adapters:
-            if adapter in self.merged_adapters:
-                continue
-            kernel = self.c3a_kernel[adapter]
-            # Scaling the small kernel is cheaper than scaling the (tokens, d_out) output.
-            delta = block_circular_conv(x, kernel / self.in_features)
-            result = result + delta.to(result.dtype)
+        for kernel in kernels:
+            result = result + block_circular_conv(x, kernel).to(result.dtype)
         return result
+
+    def _fold_into_weight(self, x: torch.Tensor) -> bool:
+        """Fold the delta into the base GEMM when that is cheaper than the FFTs, and exact enough.
+
+        Folding costs ``d_in·d_out`` per call, the FFT path ``~tokens·(d_in + d_out)``; half-precision
+        weights would round the small delta away, and hooked base layers (offloading, quantisation)
+        must run their own forward.
+        """
+        base = self.base_layer
+        weight = base.weight
+        if weight.dtype not in (torch.float32, torch.float64) or x.dtype != weight.dtype:
+            return False
+        if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+            return False
+        tokens = x.numel() // self.in_features
+        return FOLD_RATIO * tokens * (self.in_features + self.out_features) >= self.in_features * self.out_features
 
     def extra_repr(self) -> str:
         sizes = {a: self.block_size(a) for a in self.c3a_kernel}
