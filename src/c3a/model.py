@@ -121,11 +121,11 @@ class C3AModel(nn.Module):
         if not matched:
             raise ValueError(f"target_modules {config.target_modules!r} match no module of the model")
         if config.block_size == "auto" or "auto" in config.block_size_pattern.values():
-            from .analysis import suggest_block_size
+            from .analysis import choose_block_sizes
 
-            shapes = {name: linear_features(_base(m)) for name, m, _ in matched}
-            chosen = suggest_block_size(shapes, budget=config.budget, lora_rank=config.lora_rank)
-            matched = [(n, m, chosen[n] if b == "auto" else b) for n, m, b in matched]
+            shapes = {name: linear_features(_base(m)) for name, m, b in matched if b == "auto"}
+            chosen = choose_block_sizes(shapes, budget=config.budget, lora_rank=config.lora_rank)
+            matched = [(n, m, chosen[n].block_size if b == "auto" else b) for n, m, b in matched]
         for name, module, b in matched:
             d_in, d_out = linear_features(_base(module))
             if b < 1 or d_in % b or d_out % b:

@@ -1,0 +1,503 @@
+"""Analysis of C³A adapters: exact rank and spectrum of ΔW, parameter and complexity counts, block-size
+advice, and export to a PEFT LoRA adapter.
+
+Everything spectral rests on one fact. With ``K_f`` the ``m×n`` matrix of the kernels' DFT coefficients at
+frequency ``f`` (``K_f[i, j] = FFT(kernel[i, j])[f]``), the block-circulant ``C_blk(kernel)`` is unitarily
+similar to the block-diagonal matrix of the ``conj(K_f)``, ``f = 0..b-1``::
+
+    C_blk(kernel) = Σ_f (I_m ⊗ ē_f) conj(K_f) (I_n ⊗ e_fᵀ),   e_f[c] = exp(-2πi·f·c/b) / √b
+
+so its singular values are those of all ``K_f`` together and ``rank = Σ_f rank(K_f)``. For a real kernel
+``K_{b-f} = conj(K_f)``: only the ``b//2 + 1`` blocks of the real FFT are decomposed, the others counted twice.
+Nothing of size ``d_out × d_in`` is ever formed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
+
+import torch
+from torch import nn
+
+from .config import CONFIG_NAME, C3AConfig
+from .io import atomic_path, atomic_write_text
+from .layer import C3ALinear, common_divisors, linear_features
+from .model import PREFIX, WEIGHTS_NAME, C3AModel, _default_targets, _is_target, _load_weights, _resolve
+
+KERNEL_SUFFIX = ".c3a_kernel"
+DEFAULT_LORA_RANK = 8  # block_size="auto" with no budget matches LoRA r=8, the paper's usual baseline
+HEAD_MODULES = ["pooler"]  # pre-training heads of bare encoders; never trained for the paper's tasks
+
+# -- spectrum and rank ------------------------------------------------------------------------------------
+
+
+def _frequency_blocks(kernel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(K_f for the real FFT's frequencies (F, m, n), complex128; how often each occurs among all b)``."""
+    if kernel.dim() != 3:
+        raise ValueError(f"kernel must have shape (m, n, b), got {tuple(kernel.shape)}")
+    b = kernel.shape[-1]
+    blocks = torch.fft.rfft(kernel.detach().to("cpu", torch.float64), dim=-1).permute(2, 0, 1)
+    counts = torch.full((blocks.shape[0],), 2, dtype=torch.long)
+    counts[0] = 1  # f = 0 is its own conjugate partner ...
+    if b % 2 == 0:
+        counts[-1] = 1  # ... and so is f = b/2
+    return blocks, counts
+
+
+def _singular_values(kernel: torch.Tensor) -> torch.Tensor:
+    blocks, counts = _frequency_blocks(kernel)
+    values = torch.linalg.svdvals(blocks).repeat_interleave(counts, dim=0).flatten()
+    return values.sort(descending=True).values
+
+
+def _rank(values: torch.Tensor, kernel: torch.Tensor) -> int:
+    m, n, b = kernel.shape
+    # numpy/torch.linalg.matrix_rank's default tolerance for the dense (m·b × n·b) matrix, at the precision the
+    # kernel is stored in (half-precision kernels are exact in fp32, so fp32's eps).
+    eps = torch.finfo(torch.promote_types(kernel.dtype, torch.float32)).eps
+    tol = values.max() * max(m, n) * b * eps if values.numel() else 0.0
+    return int((values > tol).sum())
+
+
+def delta_singular_values(kernel: torch.Tensor) -> torch.Tensor:
+    """Singular values of ``circulant_matrix(kernel)``, sorted descending, from ``b//2 + 1`` small SVDs.
+
+    Equal to ``torch.linalg.svdvals(circulant_matrix(kernel))`` (computed in float64, returned in the
+    kernel's dtype, fp32 for half precision). This is the unscaled matrix: a :class:`~c3a.C3ALinear`'s
+    actual delta is ``circulant_matrix(kernel) / d_in``, so divide by ``d_in = n·b`` for its singular values
+    (:func:`adapter_ranks` and ``c3a rank`` do).
+    """
+    dtype = torch.float64 if kernel.dtype == torch.float64 else torch.float32
+    return _singular_values(kernel).to(dtype)
+
+
+def delta_rank(kernel: torch.Tensor) -> int:
+    """Exact ``rank(circulant_matrix(kernel))`` as ``Σ_f rank(K_f)``, without forming the matrix.
+
+    The tolerance is ``torch.linalg.matrix_rank``'s default for the dense matrix: the largest singular value
+    over all frequencies × ``max(d_out, d_in)`` × the kernel dtype's eps. The ``1/d_in`` scale of the layer
+    does not change the rank.
+    """
+    return _rank(_singular_values(kernel), kernel)
+
+
+# -- adapters on disk or in memory ------------------------------------------------------------------------
+
+
+def load_adapter(source: Any, adapter_name: str = "default") -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(adapter config as a dict, state dict with PEFT's key names)`` of a C³A adapter.
+
+    ``source`` is a :class:`~c3a.C3AModel` (its adapter ``adapter_name``), a folder written by
+    ``C3AModel.save_pretrained`` or PEFT (a non-default adapter's sub-folder may be passed directly), or a hub id.
+    """
+    if isinstance(source, C3AModel):
+        if adapter_name not in source.peft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(source.peft_config)}")
+        return source.peft_config[adapter_name].to_dict(), source.adapter_state_dict(adapter_name)
+    try:
+        path = _resolve(str(source))
+    except (OSError, ValueError) as e:  # not a folder here, and not fetchable as a hub id
+        raise FileNotFoundError(f"{source} is not an adapter folder, nor an adapter on the hub: {e}") from None
+    if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        subs = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, CONFIG_NAME)))
+        hint = f"; adapters in its sub-folders: {', '.join(subs)} (pass one of them)" if subs else ""
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {path}{hint}")
+    with open(os.path.join(path, CONFIG_NAME)) as f:
+        config = json.load(f)
+    if config.get("peft_type", "C3A") != "C3A":
+        raise ValueError(f"{path} is a {config['peft_type']} adapter, not C3A")
+    if not any(os.path.isfile(os.path.join(path, w)) for w in (WEIGHTS_NAME, "adapter_model.bin")):
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}")
+    return config, _load_weights(path)
+
+
+def adapter_kernels(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{module name: kernel}`` from an adapter state dict (keys ``base_model.model.<module>.c3a_kernel``)."""
+    kernels = {k.removeprefix(PREFIX)[: -len(KERNEL_SUFFIX)]: v for k, v in state.items() if k.endswith(KERNEL_SUFFIX)}
+    if not kernels:
+        raise ValueError(f"no C3A kernels (keys ending in {KERNEL_SUFFIX!r}) in the adapter")
+    return kernels
+
+
+@dataclass
+class LayerRank:
+    """Rank of one adapted layer's ``ΔW = C_blk(kernel) / d_in``; ``singular_values`` are ΔW's (descending)."""
+
+    name: str
+    shape: tuple[int, int]  # (d_out, d_in)
+    block_size: int
+    rank: int
+    singular_values: torch.Tensor = field(repr=False)
+
+    @property
+    def full_rank(self) -> bool:
+        return self.rank == min(self.shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "block_size": self.block_size, "rank": self.rank,
+                "full_rank": self.full_rank}
+
+
+def layer_rank(name: str, kernel: torch.Tensor) -> LayerRank:
+    m, n, b = kernel.shape
+    values = _singular_values(kernel)
+    return LayerRank(name, (m * b, n * b), b, _rank(values, kernel), values / (n * b))
+
+
+def adapter_ranks(source: Any, adapter_name: str = "default") -> list[LayerRank]:
+    """Exact rank and spectrum of every adapted layer's ΔW (see :func:`load_adapter` for ``source``)."""
+    _, state = load_adapter(source, adapter_name)
+    return [layer_rank(name, kernel) for name, kernel in adapter_kernels(state).items()]
+
+
+# -- best low-rank approximation and LoRA export ----------------------------------------------------------
+
+
+class LowRank(NamedTuple):
+    A: torch.Tensor  # (R, d_in)
+    B: torch.Tensor  # (d_out, R)
+    relative_error: float  # ‖scale·C − B·A‖_F / ‖scale·C‖_F, the Eckart–Young optimum
+
+
+def low_rank_factors(kernel: torch.Tensor, rank: int, scale: float = 1.0) -> LowRank:
+    """The best rank-``rank`` approximation ``B·A`` of ``scale · circulant_matrix(kernel)`` (Frobenius).
+
+    Truncated SVD done per frequency: each ``conj(K_f)`` is decomposed and the globally largest ``rank``
+    singular values are kept. A singular triplet ``(s, a, v)`` of a frequency ``f ∉ {0, b/2}`` meets its
+    conjugate at ``b - f``; the two add up to ``2s·Re(a vᴴ) = s·(√2 Re a)(√2 Re v)ᵀ + s·(√2 Im a)(√2 Im v)ᵀ``,
+    two real triplets with the same ``s`` (``Re a ⟂ Im a``, each of norm ``1/√2``). So every real singular
+    triplet of the dense matrix is available, and a cut between the two halves of a pair is still optimal.
+    ``f = 0`` and ``b/2`` have real blocks and real vectors. ``s`` is split evenly between ``B`` and ``A``;
+    ranks beyond ``min(d_out, d_in)`` are zero-padded.
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank}")
+    m, n, b = kernel.shape
+    blocks, counts = _frequency_blocks(kernel)
+    blocks = blocks.conj()  # the matrix applies conj(K_f): a cross-correlation
+    paired = counts == 2
+    U, S, Vh = torch.linalg.svd(blocks, full_matrices=False)
+    # Self-conjugate frequencies: a real SVD, so the vectors carry no arbitrary complex phase.
+    Ur, Sr, Vhr = torch.linalg.svd(blocks[~paired].real, full_matrices=False)
+    U[~paired], S[~paired], Vh[~paired] = Ur.to(U.dtype), Sr, Vhr.to(Vh.dtype)
+
+    F, k = S.shape
+    freq = torch.arange(F).repeat_interleave(k)
+    index = torch.arange(k).repeat(F)
+    values = S.flatten()
+    second = paired[freq]  # the imaginary halves of the pairs, listed after all real ones
+    freq, index = torch.cat([freq, freq[second]]), torch.cat([index, index[second]])
+    imag = torch.cat([torch.zeros(values.numel(), dtype=torch.bool), torch.ones(int(second.sum()), dtype=torch.bool)])
+    values = torch.cat([values, values[second]])
+    order = torch.argsort(values, descending=True, stable=True)
+    keep, drop = order[:rank], order[rank:]
+    total = values.square().sum()
+    error = float((values[drop].square().sum() / total).sqrt()) if total > 0 else 0.0
+
+    f, j, s = freq[keep], index[keep], values[keep]
+    phase = torch.exp(2j * math.pi * f[:, None] * torch.arange(b)[None, :] / b) / math.sqrt(b)  # conj(e_f)
+    left = (U[f, :, j][:, :, None] * phase[:, None, :]).reshape(-1, m * b)
+    right = (Vh[f, j, :].conj()[:, :, None] * phase[:, None, :]).reshape(-1, n * b)
+    gain = torch.where(paired[f], math.sqrt(2.0), 1.0)[:, None]
+    left = gain * torch.where(imag[keep][:, None], left.imag, left.real)
+    right = gain * torch.where(imag[keep][:, None], right.imag, right.real)
+    root = (s * scale).sqrt()[:, None]
+    A = torch.zeros(rank, n * b, dtype=torch.float64)
+    B = torch.zeros(m * b, rank, dtype=torch.float64)
+    A[: len(keep)] = root * right
+    B[:, : len(keep)] = (root * left).T
+    return LowRank(A.float(), B.float(), error)
+
+
+LORA_BIAS = {"none": "none", "all": "all", "c3a_only": "lora_only"}
+
+
+@dataclass
+class LoraExport:
+    """A PEFT LoRA adapter (``config``: ``adapter_config.json``; ``state_dict``: PEFT's key names)."""
+
+    config: dict
+    state_dict: dict[str, torch.Tensor]
+    layers: list[dict]  # per adapted layer: name, shape, rank of ΔW, relative_error, exact
+
+    def save_pretrained(self, directory: str) -> None:
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        with atomic_path(os.path.join(directory, WEIGHTS_NAME)) as tmp:
+            save_file({k: v.contiguous() for k, v in self.state_dict.items()}, tmp, metadata={"format": "pt"})
+        atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(self.config, indent=2, sort_keys=True))
+
+
+def to_lora(source: Any, rank: int, adapter_name: str = "default", progress: bool = False) -> LoraExport:
+    """A PEFT LoRA adapter of rank ``rank`` whose ``B·A`` is the best rank-``rank`` approximation of each ΔW.
+
+    ``source`` as in :func:`load_adapter`. ``lora_alpha = r`` (scaling 1); ``lora_A.weight`` is ``(r, d_in)``,
+    ``lora_B.weight`` ``(d_out, r)``. The adapter's other tensors (``modules_to_save`` such as a classifier,
+    trained biases) are carried over under the same keys, with LoRA's matching ``bias`` setting, so the
+    export reproduces the C³A model exactly when ``rank`` ≥ every layer's rank. Save it with
+    ``.save_pretrained(dir)``; load it with ``peft.PeftModel.from_pretrained(base_model, dir)``.
+    """
+    from peft import LoraConfig
+    from tqdm.auto import tqdm
+
+    config, state = load_adapter(source, adapter_name)
+    kernels = adapter_kernels(state)
+    out = {k: v for k, v in state.items() if not k.endswith(KERNEL_SUFFIX)}
+    layers = []
+    for name, kernel in tqdm(kernels.items(), desc="layers", disable=not progress):
+        d_in = kernel.shape[1] * kernel.shape[2]
+        factors = low_rank_factors(kernel, rank, scale=1.0 / d_in)
+        out[f"{PREFIX}{name}.lora_A.weight"] = factors.A
+        out[f"{PREFIX}{name}.lora_B.weight"] = factors.B
+        info = layer_rank(name, kernel)
+        layers.append({**info.to_dict(), "relative_error": factors.relative_error, "exact": rank >= info.rank})
+    lora = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=sorted(kernels),
+        bias=LORA_BIAS[config.get("bias", "none")],
+        modules_to_save=config.get("modules_to_save"),
+        task_type=config.get("task_type"),
+        base_model_name_or_path=config.get("base_model_name_or_path"),
+        revision=config.get("revision"),
+        inference_mode=True,
+    ).to_dict()
+    lora = {k: sorted(v) if isinstance(v, set) else v for k, v in lora.items()}
+    return LoraExport(json.loads(json.dumps(lora)), out, layers)
+
+
+# -- block-size advice ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockSizeChoice:
+    block_size: int
+    params: int  # d_in·d_out / block_size
+    allowance: float  # this layer's parameter allowance
+    reason: str
+
+
+def choose_block_sizes(
+    shapes: Mapping[str, tuple[int, int]], budget: Optional[int] = None, lora_rank: Optional[int] = None
+) -> dict[str, BlockSizeChoice]:
+    """Per layer ``{name: (d_in, d_out)}``, the smallest common divisor ``b`` whose ``d_in·d_out/b`` fits.
+
+    A smaller ``b`` means more parameters, so this is the most expressive C³A within the allowance:
+
+    * ``lora_rank=r``: each layer may have what LoRA rank ``r`` gives it, ``r·(d_in + d_out)``;
+    * ``budget=N``: a total for all layers, shared in proportion to ``d_in + d_out`` (as LoRA shares it),
+      i.e. the fractional rank ``N / Σ(d_in + d_out)``; the total then never exceeds ``N``;
+    * neither: ``lora_rank=8`` (:data:`DEFAULT_LORA_RANK`).
+
+    Raises ``ValueError`` when a layer cannot fit even at its largest block size ``gcd(d_in, d_out)``.
+    """
+    if budget is not None and lora_rank is not None:
+        raise ValueError("give at most one of budget and lora_rank")
+    for label, value in (("budget", budget), ("lora_rank", lora_rank)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{label} must be a positive integer, got {value!r}")
+    if not shapes:
+        return {}
+    if budget is None:
+        lora_rank = lora_rank or DEFAULT_LORA_RANK
+    total = sum(d_in + d_out for d_in, d_out in shapes.values())
+    chosen = {}
+    for name, (d_in, d_out) in shapes.items():
+        # Integer test of d_in·d_out/b ≤ allowance, allowance = (budget·(d_in+d_out)/total or r·(d_in+d_out)).
+        if budget is None:
+            allowance = float(lora_rank * (d_in + d_out))
+            fits = lambda b: d_in * d_out <= lora_rank * (d_in + d_out) * b  # noqa: E731
+            why = f"LoRA r={lora_rank}'s r·(d_in+d_out) = {lora_rank * (d_in + d_out):,}"
+        else:
+            allowance = budget * (d_in + d_out) / total
+            fits = lambda b: d_in * d_out * total <= budget * (d_in + d_out) * b  # noqa: E731
+            why = f"this layer's share {allowance:,.0f} of the budget {budget:,} (split by d_in+d_out)"
+        divisors = common_divisors(d_in, d_out)
+        fitting = [b for b in divisors if fits(b)]
+        if not fitting:
+            raise ValueError(
+                f"{name} ({d_in}→{d_out}) needs at least {d_in * d_out // divisors[-1]:,} parameters (block size "
+                f"{divisors[-1]}), more than {why}"
+            )
+        b = fitting[0]
+        smaller = [d for d in divisors if d < b]
+        reason = f"smallest common divisor of {d_in} and {d_out} with d_in·d_out/b = {d_in * d_out // b:,} ≤ {why}"
+        if smaller:
+            reason += f"; b={smaller[-1]} would need {d_in * d_out // smaller[-1]:,}"
+        chosen[name] = BlockSizeChoice(b, d_in * d_out // b, allowance, reason)
+    return chosen
+
+
+def target_shapes(model: nn.Module, target_modules: Optional[Union[list[str], str]] = None) -> dict[str, tuple[int, int]]:
+    """``{name: (d_in, d_out)}`` of the layers C³A would adapt (same matching as :class:`~c3a.C3AModel`)."""
+    config = C3AConfig(target_modules=target_modules if target_modules is not None else _default_targets(model))
+    shapes = {}
+    for name, module in model.named_modules():
+        if "base_layer" in name.split(".") or not _is_target(name, config):
+            continue
+        base = module.base_layer if isinstance(module, C3ALinear) else module
+        try:
+            shapes[name] = linear_features(base)
+        except TypeError as e:
+            raise TypeError(f"target {name!r}: {e}") from None
+    if not shapes:
+        raise ValueError(f"target_modules {config.target_modules!r} match no module of the model")
+    return shapes
+
+
+def suggest_block_size(
+    model: nn.Module,
+    target_modules: Optional[Union[list[str], str]] = None,
+    *,
+    budget: Optional[int] = None,
+    lora_rank: Optional[int] = None,
+) -> dict[str, int]:
+    """``{layer name: block size}`` for ``model``'s targets (PEFT's defaults when ``None``); the rule is
+    :func:`choose_block_sizes`'s. ``C3AConfig(block_size="auto", budget=..., lora_rank=...)`` uses the same."""
+    shapes = target_shapes(model, target_modules)
+    return {name: c.block_size for name, c in choose_block_sizes(shapes, budget, lora_rank).items()}
+
+
+# -- parameter and complexity counts ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Complexity:
+    """Extra work per token a method adds to one adapted ``d1×d2`` layer (``d1`` out, ``d2`` in), and the
+    trainable parameters it keeps there: formulas as text and as functions of ``(d1, d2, k)``, with ``k``
+    holding ``b`` (C³A block size), ``r`` (rank), ``s``/``m`` (BOFT block size / butterfly factors)."""
+
+    time: str
+    space: str
+    source: str
+    time_of: Callable[[int, int, dict], float] = field(repr=False)
+    space_of: Callable[[int, int, dict], float] = field(repr=False)
+
+
+PAPER = "paper, Table 1"
+OURS = "not in the paper's table; from the implementation"
+COMPLEXITY: dict[str, Complexity] = {
+    "c3a": Complexity("(d1+d2)·log2(b) + d1·d2/b", "d1·d2/b", PAPER,
+                      lambda d1, d2, k: (d1 + d2) * math.log2(k["b"]) + d1 * d2 / k["b"],
+                      lambda d1, d2, k: d1 * d2 / k["b"]),
+    "lora": Complexity("r·(d1+d2)", "r·(d1+d2)", PAPER,
+                       lambda d1, d2, k: k["r"] * (d1 + d2), lambda d1, d2, k: k["r"] * (d1 + d2)),
+    # VeRA's frozen random matrices are shared by all layers and not trained: its space is the two vectors.
+    "vera": Complexity("r·(d1+d2)", "d1 + r", PAPER,
+                       lambda d1, d2, k: k["r"] * (d1 + d2), lambda d1, d2, k: d1 + k["r"]),
+    "boft": Complexity("m·d2·s + d1", "m·d2·s + d1", OURS,
+                       lambda d1, d2, k: k["m"] * d2 * k["s"] + d1, lambda d1, d2, k: k["m"] * d2 * k["s"] + d1),
+    "ia3": Complexity("d1", "d1", OURS, lambda d1, d2, k: d1, lambda d1, d2, k: d1),
+    # BitFit's bias is added anyway and full fine-tuning changes the weight itself: no extra work per token.
+    "bitfit": Complexity("0", "d1", OURS, lambda d1, d2, k: 0, lambda d1, d2, k: d1),
+    "full": Complexity("0", "d1·d2", OURS, lambda d1, d2, k: 0, lambda d1, d2, k: d1 * d2),
+}
+
+
+@dataclass
+class ParamReport:
+    """What ``c3a params`` prints: the total and, per adapted layer, the counted parameters and Table 1's terms."""
+
+    model: str
+    method: str
+    trainable_params: int
+    counted: str  # how the total was obtained
+    options: dict
+    complexity: Complexity
+    layers: list[dict]  # name, d1, d2, params, time, space (+ block_size for C³A)
+    block_size_choices: dict[str, BlockSizeChoice] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "method": self.method,
+            "trainable_params": self.trainable_params,
+            "counted": self.counted,
+            "options": self.options,
+            "complexity": {"time": self.complexity.time, "space": self.complexity.space,
+                           "source": self.complexity.source},
+            "layers": self.layers,
+            "block_size_choices": {n: {"block_size": c.block_size, "params": c.params, "reason": c.reason}
+                                   for n, c in self.block_size_choices.items()},
+        }
+
+
+def _layer_params(model: nn.Module, name: str) -> int:
+    key = f".{name}."
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and key in f".{n}.")
+
+
+def count_parameters(
+    model: str,
+    method: str,
+    block_size: Union[int, str] = 128,
+    rank: int = 8,
+    targets: Optional[list[str]] = None,
+    boft_block_size: int = 8,
+    boft_butterfly_factor: int = 1,
+) -> ParamReport:
+    """Trainable parameters of ``method`` on ``model`` (a name of :data:`c3a.paper_models.PAPER_MODELS` or
+    anything ``AutoConfig`` loads), heads excluded, with Table 1's time/space terms per adapted layer.
+
+    The bare model (``AutoModel``: no task head; its pre-training ``pooler`` is excluded too) is built on the
+    meta device — no weights, no memory, no download — and the method is applied through
+    :func:`c3a.experiments.methods.build_method`, so counts are the real implementations'. BOFT is the
+    exception: PEFT builds dense ``d_in × d_in`` permutation matrices with ``.item()`` calls that the meta
+    device cannot run, so its count is ``Σ (m·d_in·s + d_out)`` from the shapes (what PEFT trains: the
+    ``boft_R`` blocks and the ``boft_s`` scale).
+    """
+    from transformers import AutoModel
+
+    from .experiments.methods import METHODS, MethodOptions, build_method, default_targets, trainable_parameters
+    from .paper_models import model_config, query_value_targets
+
+    if method not in COMPLEXITY or method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(COMPLEXITY)}")
+    with torch.device("meta"):
+        net = AutoModel.from_config(model_config(model))
+    targets = list(targets or query_value_targets(net) or default_targets(net))
+    shapes = target_shapes(net, targets)
+    options = {"targets": targets}
+    choices: dict[str, BlockSizeChoice] = {}
+    k = {"r": rank, "s": boft_block_size, "m": boft_butterfly_factor}
+    if method in ("lora", "vera"):
+        options["rank"] = rank
+    if method == "boft":
+        options.update(boft_block_size=boft_block_size, boft_butterfly_factor=boft_butterfly_factor)
+        for name, (d_in, _) in shapes.items():
+            if d_in % (boft_block_size * 2 ** (boft_butterfly_factor - 1)):
+                raise ValueError(f"BOFT block size {boft_block_size} does not fit {name} (in_features={d_in})")
+        per_layer = {n: boft_butterfly_factor * d_in * boft_block_size + d_out for n, (d_in, d_out) in shapes.items()}
+        total, counted = sum(per_layer.values()), "counted from the shapes: BOFT cannot be built on the meta device"
+    else:
+        opts = MethodOptions(targets=targets, block_size=block_size, rank=rank,
+                             boft_block_size=boft_block_size, boft_butterfly_factor=boft_butterfly_factor)
+        with torch.device("meta"):
+            net = build_method(net, method, opts)
+        total = trainable_parameters(net, HEAD_MODULES)
+        per_layer = {n: _layer_params(net, n) for n in shapes}
+        counted = "counted on the model built on the meta device through c3a.experiments.methods"
+    if method == "c3a":
+        options["block_size"] = block_size
+        built = {name: layer.block_size("default") for name, layer in net.c3a_layers()}
+        if block_size == "auto":
+            options["lora_rank"] = rank
+            choices = choose_block_sizes(shapes, lora_rank=rank)
+            if any(built[n] != c.block_size for n, c in choices.items()):
+                raise RuntimeError(
+                    f"the method registry built C³A with block sizes for LoRA rank {DEFAULT_LORA_RANK}, not "
+                    f"{rank}: it does not pass MethodOptions.rank to C3AConfig.lora_rank"
+                )
+    layers = []
+    for name, (d_in, d_out) in shapes.items():
+        if method == "c3a":
+            k["b"] = built[name]
+        time, space = COMPLEXITY[method].time_of(d_out, d_in, k), COMPLEXITY[method].space_of(d_out, d_in, k)
+        row = {"name": name, "d1": d_out, "d2": d_in, "params": per_layer[name], "time": time, "space": space}
+        layers.append({**row, "block_size": built[name]} if method == "c3a" else row)
+    return ParamReport(model, method, total, counted, options, COMPLEXITY[method], layers, choices)

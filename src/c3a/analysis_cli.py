@@ -1,0 +1,156 @@
+"""``c3a rank``, ``c3a params`` and ``c3a export-lora``: argument parsing and printing around :mod:`c3a.analysis`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import defaultdict
+
+from . import analysis
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def _number(x: float) -> str:
+    return f"{int(x):,}" if float(x).is_integer() else f"{x:,.1f}"
+
+
+# -- c3a rank ---------------------------------------------------------------------------------------------
+
+
+def add_rank_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help="adapter folder (C3AModel.save_pretrained or PEFT), or a hub id")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw each layer's singular-value spectrum")
+
+
+def plot_spectra(layers: list[analysis.LayerRank], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for layer in layers:
+        values = layer.singular_values[layer.singular_values > 0]
+        ax.semilogy(range(1, len(values) + 1), values.numpy(), alpha=0.7 if len(layers) > 10 else 1.0,
+                    label=f"{layer.name} (rank {layer.rank})")
+    ax.set_xlabel("index")
+    ax.set_ylabel("singular value of ΔW")
+    ax.set_title("Singular values of each layer's ΔW = C_blk(kernel) / d_in")
+    if len(layers) <= 10:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def run_rank(args: argparse.Namespace) -> int:
+    layers = analysis.adapter_ranks(args.adapter)
+    fraction = sum(layer.full_rank for layer in layers) / len(layers)
+    if args.plot:
+        plot_spectra(layers, args.plot)
+    if args.json:
+        print(json.dumps({"layers": [layer.to_dict() for layer in layers], "full_rank_fraction": fraction}, indent=2))
+        return 0
+    rows = [[layer.name, f"{layer.shape[0]}×{layer.shape[1]}", layer.block_size, layer.rank,
+             "yes" if layer.full_rank else f"no (max {min(layer.shape)})"] for layer in layers]
+    print(_table(["layer", "d_out×d_in", "block size", "rank of ΔW", "full rank"], rows))
+    print(f"\nfull rank: {sum(layer.full_rank for layer in layers)} of {len(layers)} layers ({100 * fraction:.1f}%)")
+    if args.plot:
+        print(f"spectra: {args.plot}")
+    return 0
+
+
+# -- c3a params -------------------------------------------------------------------------------------------
+
+
+def add_params_arguments(p: argparse.ArgumentParser) -> None:
+    from .paper_models import PAPER_MODELS
+
+    p.add_argument("--model", required=True,
+                   help=f"{', '.join(PAPER_MODELS)}, or any hub id / folder with a config.json (config only)")
+    p.add_argument("--method", required=True, choices=list(analysis.COMPLEXITY))
+    p.add_argument("--block-size", default="128", help='C³A block size, or "auto" (default: 128)')
+    p.add_argument("--rank", type=int, default=8,
+                   help="LoRA/VeRA rank; with --block-size auto the LoRA rank to match (default: 8)")
+    p.add_argument("--targets", help="comma-separated module names (default: the paper's, PEFT's defaults)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _block_size(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise SystemExit(f"--block-size must be an integer or 'auto', got {text!r}") from None
+
+
+def run_params(args: argparse.Namespace) -> int:
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
+    report = analysis.count_parameters(args.model, args.method, block_size=_block_size(args.block_size),
+                                       rank=args.rank, targets=targets)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    settings = ", ".join(f"{k}={v}" for k, v in report.options.items() if k != "targets")
+    print(f"{report.model} · {report.method}" + (f" ({settings})" if settings else "")
+          + f" · targets {', '.join(report.options['targets'])}")
+    print(f"trainable parameters: {report.trainable_params:,} (heads excluded; {report.counted})")
+    c = report.complexity
+    print(f"per adapted d1×d2 layer (d1 = out, d2 = in; {c.source}):")
+    print(f"  extra time per token  {c.time}\n  space (trainable)     {c.space}\n")
+    # Layers of one kind and shape share every number: one row per group.
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for layer in report.layers:
+        key = (layer["name"].rsplit(".", 1)[-1], layer["d1"], layer["d2"], layer.get("block_size"),
+               layer["params"], layer["time"], layer["space"])
+        groups[key].append(layer["name"])
+    header = ["layers", "d1×d2"] + (["b"] if report.method == "c3a" else []) + ["params/layer", "time", "space"]
+    rows = []
+    for (short, d1, d2, b, params, time, space), names in groups.items():
+        rows.append([f"{short} ×{len(names)}", f"{d1}×{d2}"] + ([b] if report.method == "c3a" else [])
+                    + [f"{params:,}", _number(time), _number(space)])
+    print(_table(header, rows))
+    if report.block_size_choices:
+        print(f"\nblock_size=auto, matching LoRA r={args.rank} per layer:")
+        seen = set()
+        for name, choice in report.block_size_choices.items():
+            shape = next((layer["d1"], layer["d2"]) for layer in report.layers if layer["name"] == name)
+            if shape not in seen:
+                seen.add(shape)
+                print(f"  {shape[0]}×{shape[1]}: b={choice.block_size} — {choice.reason}")
+    return 0
+
+
+# -- c3a export-lora --------------------------------------------------------------------------------------
+
+
+def add_export_lora_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help="C³A adapter folder (ours or PEFT's), or a hub id")
+    p.add_argument("--rank", type=int, required=True, help="LoRA rank R")
+    p.add_argument("--out", required=True, help="folder for the PEFT LoRA adapter")
+    p.add_argument("--json", action="store_true", help="print the per-layer report as JSON")
+
+
+def run_export_lora(args: argparse.Namespace) -> int:
+    if os.path.isdir(args.adapter) and os.path.realpath(args.adapter) == os.path.realpath(args.out):
+        raise SystemExit("--out must differ from the C³A adapter folder (its files would be replaced)")
+    export = analysis.to_lora(args.adapter, args.rank, progress=True)
+    export.save_pretrained(args.out)
+    if args.json:
+        print(json.dumps({"out": args.out, "rank": args.rank, "layers": export.layers}, indent=2))
+        return 0
+    rows = [[layer["name"], f"{layer['shape'][0]}×{layer['shape'][1]}", layer["rank"],
+             f"{layer['relative_error']:.3e}", "yes" if layer["exact"] else "no"] for layer in export.layers]
+    print(_table(["layer", "d_out×d_in", "rank of ΔW", "‖ΔW − BA‖/‖ΔW‖", "exact"], rows))
+    print(f"\nwrote a PEFT LoRA adapter (r = lora_alpha = {args.rank}) to {args.out}")
+    return 0
