@@ -12,6 +12,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
+    "demo": ("c3a.experiments.synthetic", "synthetic expressiveness experiment (paper Fig. 3): dense vs rank-1 vs C³A"),
     "rank": ("c3a.analysis_cli", "exact rank of each adapted layer's ΔW, from the kernels alone"),
     "params": ("c3a.analysis_cli", "trainable parameters and time/space terms of a method on a model (no download)"),
     "export-lora": ("c3a.analysis_cli", "convert a C³A adapter to the best rank-R PEFT LoRA adapter"),
