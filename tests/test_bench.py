@@ -1,0 +1,55 @@
+import json
+
+import pytest
+
+from c3a.cli import main
+from c3a.experiments.bench import Spec, _add_ratios
+
+
+def test_spec_parse_and_label():
+    assert Spec.parse("c3a:128") == Spec("c3a", 128) and Spec.parse("c3a:128").label == "c3a (b=128)"
+    assert Spec.parse("lora:8").label == "lora (r=8)"
+    assert Spec.parse("bitfit") == Spec("bitfit") and Spec.parse("bitfit").label == "bitfit"
+
+
+def test_ratios_are_paired_per_round():
+    rows = [
+        {"method": "lora", "step_seconds": [1.0, 2.0, 4.0], "peak_memory_bytes": 100},
+        {"method": "c3a", "step_seconds": [0.9, 1.8, 3.6], "peak_memory_bytes": 90},
+    ]
+    _add_ratios(rows, "step_seconds")
+    assert rows[1]["ratio_to_lora"] == pytest.approx(0.9)  # noisy rounds cancel out in paired ratios
+    assert rows[1]["ratio_to_lora_iqr"] == pytest.approx([0.9, 0.9])
+    assert rows[1]["median_ms"] == pytest.approx(1800)
+    assert rows[1]["memory_ratio_to_lora"] == pytest.approx(0.9)
+
+
+def test_bench_smoke(tmp_path):
+    out = tmp_path / "bench"
+    args = [
+        "bench", "--model", "roberta-tiny", "--methods", "frozen,lora:4,c3a:32", "--batch", "2", "--seq", "16",
+        "--warmup", "1", "--rounds", "2", "--threads", "1", "--operator", "--op-shapes", "64x64",
+        "--op-blocks", "32", "--op-tokens", "8", "--op-reps", "1", "--out", str(out),
+    ]
+    assert main(args) == 0
+    result = json.loads((out / "results.json").read_text())
+    labels = [m["label"] for m in result["methods"]]
+    assert labels == ["frozen", "lora (r=4)", "c3a (b=32)"]
+    by = {m["method"]: m for m in result["methods"]}
+    assert by["frozen"]["trainable_params"] == 0
+    assert by["c3a"]["trainable_params"] == 2 * 2 * (64 * 64 // 32)  # 2 layers x (query, value)
+    assert by["lora"]["trainable_params"] == 2 * 2 * 4 * (64 + 64)
+    for m in result["methods"]:
+        assert len(m["step_seconds"]) == 2 and m["median_ms"] > 0 and m["peak_memory_bytes"] > 0
+        assert m["memory_kind"] == "cpu_peak_rss"
+    assert by["lora"]["ratio_to_lora"] == 1.0
+    (op,) = result["operator"]
+    assert (op["d_in"], op["block_size"], op["tokens"]) == (64, 32, 8)
+    assert set(op["ms"]) == {"frozen", "lora", "c3a", "c3a_fft", "peft_c3a"}
+    assert "| c3a (b=32) |" in (out / "table.md").read_text()
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_names_failing_method(tmp_path):
+    with pytest.raises(RuntimeError, match=r"c3a \(b=5\).*block_size 5"):
+        main(["bench", "--model", "roberta-tiny", "--methods", "c3a:5", "--rounds", "1", "--out", str(tmp_path)])
