@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, LlamaConfig, LlamaModel, RobertaConfig, RobertaForSequenceClassification
 
-from c3a import C3AConfig, C3AModel, circulant_matrix, get_c3a_model
+from c3a import C3AConfig, circulant_matrix, get_c3a_model
 from c3a.analysis import (
     adapter_ranks,
     choose_block_sizes,
@@ -205,6 +205,18 @@ def test_export_lora_loads_in_peft_and_reproduces_outputs(tmp_path, bias):
         torch.testing.assert_close(lora(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
 
 
+def test_export_lora_of_gpt2_conv1d_layers(tiny_gpt2, token_ids, tmp_path):
+    from peft import PeftModel
+
+    reference = copy.deepcopy(tiny_gpt2)
+    model = get_c3a_model(tiny_gpt2, C3AConfig(block_size=8, target_modules=["c_attn"], init_weights="gaussian"))
+    to_lora(model.eval(), 32).save_pretrained(tmp_path)  # c_attn is 32→96: rank ≤ 32
+    lora = PeftModel.from_pretrained(reference, tmp_path).eval()  # PEFT sets fan_in_fan_out for Conv1D itself
+    with torch.no_grad():
+        torch.testing.assert_close(lora(input_ids=token_ids).logits, model(input_ids=token_ids).logits,
+                                   rtol=0, atol=1e-5)
+
+
 def test_export_lora_error_decreases_to_exact(tmp_path):
     model = get_c3a_model(_tiny_roberta(), C3AConfig(block_size=4, target_modules=["value"]))
     with torch.no_grad():
@@ -217,7 +229,8 @@ def test_export_lora_error_decreases_to_exact(tmp_path):
         export = to_lora(model, r)
         entry = next(e for e in export.layers if e["name"].endswith("layer.1.attention.self.value"))
         prefix = "base_model.model.roberta.encoder.layer.1.attention.self.value"
-        approx = export.state_dict[f"{prefix}.lora_B.weight"].double() @ export.state_dict[f"{prefix}.lora_A.weight"].double()
+        B, A = (export.state_dict[f"{prefix}.lora_{x}.weight"].double() for x in "BA")
+        approx = B @ A
         error = float(torch.linalg.norm(dense - approx) / torch.linalg.norm(dense))
         optimum = float((s[r:].square().sum() / s.square().sum()).sqrt())
         assert entry["rank"] == 7 and entry["exact"] == (r >= 7)

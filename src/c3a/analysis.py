@@ -333,7 +333,9 @@ def choose_block_sizes(
     return chosen
 
 
-def target_shapes(model: nn.Module, target_modules: Optional[Union[list[str], str]] = None) -> dict[str, tuple[int, int]]:
+def target_shapes(
+    model: nn.Module, target_modules: Optional[Union[list[str], str]] = None
+) -> dict[str, tuple[int, int]]:
     """``{name: (d_in, d_out)}`` of the layers C³A would adapt (same matching as :class:`~c3a.C3AModel`)."""
     config = C3AConfig(target_modules=target_modules if target_modules is not None else _default_targets(model))
     shapes = {}
@@ -380,22 +382,24 @@ class Complexity:
 
 
 PAPER = "paper, Table 1"
-OURS = "not in the paper's table; from the implementation"
 COMPLEXITY: dict[str, Complexity] = {
     "c3a": Complexity("(d1+d2)·log2(b) + d1·d2/b", "d1·d2/b", PAPER,
                       lambda d1, d2, k: (d1 + d2) * math.log2(k["b"]) + d1 * d2 / k["b"],
                       lambda d1, d2, k: d1 * d2 / k["b"]),
     "lora": Complexity("r·(d1+d2)", "r·(d1+d2)", PAPER,
                        lambda d1, d2, k: k["r"] * (d1 + d2), lambda d1, d2, k: k["r"] * (d1 + d2)),
-    # VeRA's frozen random matrices are shared by all layers and not trained: its space is the two vectors.
-    "vera": Complexity("r·(d1+d2)", "d1 + r", PAPER,
+    "vera": Complexity("r·(d1+d2)", "d1 + r", PAPER + "; the frozen random matrices are shared and not trained",
                        lambda d1, d2, k: k["r"] * (d1 + d2), lambda d1, d2, k: d1 + k["r"]),
-    "boft": Complexity("m·d2·s + d1", "m·d2·s + d1", OURS,
+    "boft": Complexity("m·d2·s + d1", "m·d2·s + d1",
+                       "not in the paper's table: m butterfly factors of d2/s blocks (s×s) applied to a token, "
+                       "then one scale per output; PEFT stores the full s×s blocks",
                        lambda d1, d2, k: k["m"] * d2 * k["s"] + d1, lambda d1, d2, k: k["m"] * d2 * k["s"] + d1),
-    "ia3": Complexity("d1", "d1", OURS, lambda d1, d2, k: d1, lambda d1, d2, k: d1),
-    # BitFit's bias is added anyway and full fine-tuning changes the weight itself: no extra work per token.
-    "bitfit": Complexity("0", "d1", OURS, lambda d1, d2, k: 0, lambda d1, d2, k: d1),
-    "full": Complexity("0", "d1·d2", OURS, lambda d1, d2, k: 0, lambda d1, d2, k: d1 * d2),
+    "ia3": Complexity("d1", "d1", "not in the paper's table: one scale per output",
+                      lambda d1, d2, k: d1, lambda d1, d2, k: d1),
+    "bitfit": Complexity("0", "d1", "not in the paper's table: the layer's bias, which is added anyway",
+                         lambda d1, d2, k: 0, lambda d1, d2, k: d1),
+    "full": Complexity("0", "d1·d2", "not in the paper's table: the weight itself is trained",
+                       lambda d1, d2, k: 0, lambda d1, d2, k: d1 * d2),
 }
 
 
@@ -449,7 +453,9 @@ def count_parameters(
     :func:`c3a.experiments.methods.build_method`, so counts are the real implementations'. BOFT is the
     exception: PEFT builds dense ``d_in × d_in`` permutation matrices with ``.item()`` calls that the meta
     device cannot run, so its count is ``Σ (m·d_in·s + d_out)`` from the shapes (what PEFT trains: the
-    ``boft_R`` blocks and the ``boft_s`` scale).
+    ``boft_R`` blocks and the ``boft_s`` scale; PEFT itself drops to one butterfly factor ``m`` when its CUDA
+    extension is missing). ``block_size="auto"`` picks C³A block sizes matching LoRA rank ``rank``
+    (:func:`choose_block_sizes`); the choices and their reasons are in the report.
     """
     from transformers import AutoModel
 
@@ -490,8 +496,8 @@ def count_parameters(
             choices = choose_block_sizes(shapes, lora_rank=rank)
             if any(built[n] != c.block_size for n, c in choices.items()):
                 raise RuntimeError(
-                    f"the method registry built C³A with block sizes for LoRA rank {DEFAULT_LORA_RANK}, not "
-                    f"{rank}: it does not pass MethodOptions.rank to C3AConfig.lora_rank"
+                    f"the method registry's C³A block sizes differ from the advice for LoRA rank {rank}: "
+                    "c3a.experiments.methods must pass MethodOptions.rank on as C3AConfig.lora_rank"
                 )
     layers = []
     for name, (d_in, d_out) in shapes.items():
