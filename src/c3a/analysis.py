@@ -308,28 +308,26 @@ def choose_block_sizes(
     total = sum(d_in + d_out for d_in, d_out in shapes.values())
     chosen = {}
     for name, (d_in, d_out) in shapes.items():
-        # Integer test of d_in·d_out/b ≤ allowance, allowance = (budget·(d_in+d_out)/total or r·(d_in+d_out)).
+        # The allowance as an exact fraction num/den, so that d_in·d_out/b ≤ num/den is tested in integers.
         if budget is None:
-            allowance = float(lora_rank * (d_in + d_out))
-            fits = lambda b: d_in * d_out <= lora_rank * (d_in + d_out) * b  # noqa: E731
-            why = f"LoRA r={lora_rank}'s r·(d_in+d_out) = {lora_rank * (d_in + d_out):,}"
+            num, den = lora_rank * (d_in + d_out), 1
+            why = f"LoRA r={lora_rank}'s r·(d_in+d_out) = {num:,}"
         else:
-            allowance = budget * (d_in + d_out) / total
-            fits = lambda b: d_in * d_out * total <= budget * (d_in + d_out) * b  # noqa: E731
-            why = f"this layer's share {allowance:,.0f} of the budget {budget:,} (split by d_in+d_out)"
-        divisors = common_divisors(d_in, d_out)
-        fitting = [b for b in divisors if fits(b)]
-        if not fitting:
+            num, den = budget * (d_in + d_out), total
+            why = f"this layer's share {num / den:,.0f} of the budget {budget:,} (split by d_in+d_out)"
+        fits = [b for b in common_divisors(d_in, d_out) if d_in * d_out * den <= num * b]
+        if not fits:
+            largest = math.gcd(d_in, d_out)
             raise ValueError(
-                f"{name} ({d_in}→{d_out}) needs at least {d_in * d_out // divisors[-1]:,} parameters (block size "
-                f"{divisors[-1]}), more than {why}"
+                f"{name} ({d_in}→{d_out}) needs at least {d_in * d_out // largest:,} parameters (block size "
+                f"{largest}), more than {why}"
             )
-        b = fitting[0]
-        smaller = [d for d in divisors if d < b]
+        b = fits[0]
+        smaller = [d for d in common_divisors(d_in, d_out) if d < b]
         reason = f"smallest common divisor of {d_in} and {d_out} with d_in·d_out/b = {d_in * d_out // b:,} ≤ {why}"
         if smaller:
             reason += f"; b={smaller[-1]} would need {d_in * d_out // smaller[-1]:,}"
-        chosen[name] = BlockSizeChoice(b, d_in * d_out // b, allowance, reason)
+        chosen[name] = BlockSizeChoice(b, d_in * d_out // b, num / den, reason)
     return chosen
 
 
