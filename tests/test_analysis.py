@@ -348,3 +348,9 @@ def test_params_command_explains_auto_block_size():
     v = next(layer for layer in report["layers"] if layer["name"].endswith("v_proj"))
     assert (v["d1"], v["d2"], v["params"], v["space"]) == (1024, 4096, 32_768, 32_768)
     assert v["time"] == pytest.approx((1024 + 4096) * 7 + 32_768)
+
+
+def test_auto_block_size_follows_the_registry_rank():
+    text = _run("params", "--model", "roberta-base", "--method", "c3a", "--block-size", "auto", "--rank", "16")
+    assert "trainable parameters: 589,824" in text  # LoRA r=16: 24 layers x 16 x (768 + 768)
+    assert "768×768: b=24" in text

@@ -34,6 +34,7 @@ class Method:
     lr: float  # default learning rate for the method's own parameters
     weight_decay: float
     summary: str
+    head_lr: Optional[float] = None  # default learning rate for the task head; None: the same as lr
 
 
 def default_targets(model: nn.Module) -> list[str]:
@@ -65,6 +66,7 @@ def _c3a(model, opts):
 
     config = C3AConfig(
         block_size=opts.block_size,
+        lora_rank=opts.rank if opts.block_size == "auto" else None,  # "auto" matches LoRA rank r's budget
         target_modules=_targets(model, opts),
         modules_to_save=list(opts.head) or None,
         init_weights=opts.init_weights,
@@ -135,12 +137,12 @@ def _full(model, opts):
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("c3a", _c3a, 1e-1, 1e-4, "C³A block-circulant adapter (this library)"),
+        Method("c3a", _c3a, 1e-1, 1e-4, "C³A block-circulant adapter (this library)", head_lr=4e-3),
         Method("lora", _peft(_lora), 4e-4, 0.0, "LoRA (PEFT)"),
         Method("vera", _peft(_vera), 4e-3, 0.0, "VeRA (PEFT)"),
         Method("boft", _peft(_boft), 3e-4, 0.0, "BOFT (PEFT)"),
         Method("ia3", _peft(_ia3), 3e-3, 0.0, "(IA)³ (PEFT)"),
-        Method("peft-c3a", _peft(_peft_c3a), 1e-1, 1e-4, "PEFT's C3A tuner (reference implementation)"),
+        Method("peft-c3a", _peft(_peft_c3a), 1e-1, 1e-4, "PEFT's C3A tuner (reference implementation)", head_lr=4e-3),
         Method("bitfit", _bitfit, 1e-3, 0.0, "BitFit: biases only"),
         Method("head", _head, 4e-3, 0.0, "the task head only"),
         Method("full", _full, 2e-5, 0.01, "full fine-tuning"),
