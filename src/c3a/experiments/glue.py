@@ -1,0 +1,402 @@
+"""GLUE (the paper's Table 2): `c3a glue` trains one method on one task; `c3a glue-suite` runs a grid.
+
+Protocol: a validation split is carved from train (seeded); the original validation split is the test set;
+the epoch with the best validation score is the one evaluated on test. Metrics: Matthews correlation (CoLA),
+Pearson (STS-B, Spearman reported too), accuracy (the others).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from c3a.experiments.methods import METHODS, MethodOptions, build_method, trainable_parameters
+
+
+# -- tasks and metrics ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Task:
+    title: str
+    text_columns: tuple[str, ...]
+    num_labels: int  # 1: regression
+    metrics: tuple[str, ...]  # the first one selects the best epoch and fills the table
+
+
+TASKS = {
+    "sst2": Task("SST-2", ("sentence",), 2, ("accuracy",)),
+    "cola": Task("CoLA", ("sentence",), 2, ("mcc", "accuracy")),
+    "mrpc": Task("MRPC", ("sentence1", "sentence2"), 2, ("accuracy",)),
+    "qnli": Task("QNLI", ("question", "sentence"), 2, ("accuracy",)),
+    "rte": Task("RTE", ("sentence1", "sentence2"), 2, ("accuracy",)),
+    "stsb": Task("STS-B", ("sentence1", "sentence2"), 1, ("pearson", "spearman")),
+}
+
+
+def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(predictions == labels))
+
+
+def matthews_corrcoef(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Multi-class MCC from the confusion matrix; 0 when a margin is constant (sklearn's convention)."""
+    classes = np.union1d(predictions, labels)
+    confusion = (labels[:, None] == classes).T.astype(np.float64) @ (predictions[:, None] == classes)
+    true, predicted, n = confusion.sum(1), confusion.sum(0), confusion.sum()
+    denominator = np.sqrt((n * n - predicted @ predicted) * (n * n - true @ true))
+    return float((np.trace(confusion) * n - true @ predicted) / denominator) if denominator else 0.0
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation; 0 when either side is constant."""
+    x = np.asarray(x, np.float64) - np.mean(x)
+    y = np.asarray(y, np.float64) - np.mean(y)
+    denominator = np.sqrt((x @ x) * (y @ y))
+    return float(x @ y / denominator) if denominator else 0.0
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks with ties given their average rank."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x))
+    _, group, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.bincount(group, weights=ranks) / counts)[group]
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    return pearson(_ranks(np.asarray(x)), _ranks(np.asarray(y)))
+
+
+METRICS = {"accuracy": accuracy, "mcc": matthews_corrcoef, "pearson": pearson, "spearman": spearman}
+
+
+def compute_metrics(task: Task):
+    """The `Trainer`'s ``compute_metrics`` for ``task``: logits → predictions → the task's metrics."""
+
+    def compute(prediction) -> dict[str, float]:
+        logits = prediction.predictions
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        labels = np.asarray(prediction.label_ids)
+        predictions = logits.reshape(-1) if task.num_labels == 1 else logits.argmax(-1)
+        return {name: METRICS[name](predictions, labels) for name in task.metrics}
+
+    return compute
+
+
+# -- data -----------------------------------------------------------------------------------------------
+def load_task(task: str, data_dir: Optional[str] = None):
+    """``DatasetDict`` with ``train`` and ``validation`` in the HF GLUE schema: from ``data_dir/<task>/*.jsonl``
+    or, without ``data_dir``, from the hub."""
+    from datasets import load_dataset
+
+    spec = TASKS[task]
+    if data_dir is None:
+        raw = load_dataset("nyu-mll/glue", task)
+    else:
+        files = {split: os.path.join(data_dir, task, f"{split}.jsonl") for split in ("train", "validation")}
+        missing = [f for f in files.values() if not os.path.isfile(f)]
+        if missing:
+            raise FileNotFoundError(f"--data-dir needs {task}/train.jsonl and {task}/validation.jsonl; missing: {missing}")
+        raw = load_dataset("json", data_files=files)
+    for split in ("train", "validation"):
+        absent = [c for c in (*spec.text_columns, "label") if c not in raw[split].column_names]
+        if absent:
+            raise ValueError(
+                f"{task} {split}: columns {absent} missing (has {raw[split].column_names}); GLUE {task} needs "
+                f"{list(spec.text_columns)} and 'label'"
+            )
+        if spec.num_labels > 1:
+            bad = sorted(set(raw[split]["label"]) - set(range(spec.num_labels)))
+            if bad:
+                raise ValueError(f"{task} {split}: labels must be integers in 0..{spec.num_labels - 1}, found {bad[:5]}")
+    return raw
+
+
+def make_splits(
+    raw,
+    seed: int,
+    validation_size: Optional[int] = None,
+    max_train_samples: Optional[int] = None,
+    max_test_samples: Optional[int] = None,
+):
+    """Carve a seeded validation split from train; the original validation split becomes the test set.
+    ``validation_size`` defaults to 10% of train, at most 1000 rows. A capped test set is the same random
+    subset for every seed and method, so scores stay paired."""
+    train = raw["train"]
+    n_validation = validation_size if validation_size is not None else min(1000, len(train) // 10)
+    if not 0 < n_validation < len(train):
+        raise ValueError(f"validation size {n_validation} must be between 1 and {len(train) - 1} (train has {len(train)} rows)")
+    parts = train.train_test_split(test_size=n_validation, seed=seed)
+    train = parts["train"]
+    if max_train_samples is not None:
+        train = train.select(range(min(max_train_samples, len(train))))
+    test = raw["validation"]
+    if max_test_samples is not None and max_test_samples < len(test):
+        test = test.shuffle(seed=0).select(range(max_test_samples))
+    return {"train": train, "validation": parts["test"], "test": test}
+
+
+def tokenize(dataset, tokenizer, task: Task, max_length: int, pad_to_max_length: bool):
+    """Model inputs and ``labels`` only (float for regression), nothing else."""
+
+    def encode(batch):
+        encoded = tokenizer(
+            *(batch[c] for c in task.text_columns),
+            truncation=True,
+            max_length=max_length,
+            padding="max_length" if pad_to_max_length else False,
+        )
+        encoded["labels"] = [float(y) if task.num_labels == 1 else int(y) for y in batch["label"]]
+        return encoded
+
+    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="tokenizing")
+
+
+# -- c3a glue -------------------------------------------------------------------------------------------
+def _block_size(value: str):
+    return value if value == "auto" else int(value)
+
+
+def _add_shared_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `c3a glue` that `c3a glue-suite` passes on to every cell."""
+    from c3a.experiments.train import MODEL_SHORTCUTS
+
+    parser.add_argument(
+        "--model",
+        required=True,
+        help=f"hub id or local folder of a model with a sequence-classification head, or a shortcut: {', '.join(MODEL_SHORTCUTS)}",
+    )
+    parser.add_argument("--data-dir", help="folder with <task>/train.jsonl and <task>/validation.jsonl (default: the hub's GLUE)")
+    method = parser.add_argument_group("method options (default: the registry's)")
+    method.add_argument("--block-size", type=_block_size, help="C³A block size, an integer or 'auto' (default 128)")
+    method.add_argument("--rank", type=int, help="LoRA / VeRA rank (default 8)")
+    method.add_argument("--alpha", type=float, help="LoRA alpha (default 2·rank)")
+    method.add_argument("--targets", nargs="+", help="modules to adapt (default: PEFT's default for the model type)")
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", type=float, default=3)
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--max-length", type=int, default=128, help="tokens per example, longer ones are truncated")
+    train.add_argument("--pad-to-max-length", action="store_true", help="pad every batch to --max-length (fixed shapes for memory measurements)")
+    train.add_argument("--lr", type=float, help="learning rate of the method's parameters (default: the method's)")
+    train.add_argument("--head-lr", type=float, help="learning rate of the classification head (default: the method's)")
+    train.add_argument("--weight-decay", type=float, help="default: the method's")
+    train.add_argument("--warmup-ratio", type=float, default=0.06)
+    train.add_argument("--max-train-samples", type=int, help="train on at most this many rows (after carving validation)")
+    train.add_argument("--max-test-samples", type=int, help="test on a fixed random subset of this many rows (same for every run)")
+    train.add_argument("--validation-size", type=int, help="rows carved from train for validation (default: 10%%, at most 1000)")
+
+
+def add_glue_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", required=True, choices=sorted(TASKS))
+    parser.add_argument("--method", required=True, choices=list(METHODS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="output folder (default: c3a-glue/<task>/<method>/seed<seed>)")
+    _add_shared_arguments(parser)
+
+
+def _load_model(name: str, num_labels: int):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels)
+    if tokenizer.pad_token is None:  # decoder models: pad with EOS so batches can be formed
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer, model
+
+
+def run_glue(args: argparse.Namespace) -> int:
+    from transformers import DataCollatorWithPadding, set_seed
+
+    from c3a.experiments.train import TrainConfig, evaluate, fit, head_modules, resolve_model, write_results
+
+    task, method = TASKS[args.task], METHODS[args.method]
+    out = args.out or os.path.join("c3a-glue", args.task, args.method, f"seed{args.seed}")
+    lr = args.lr if args.lr is not None else method.lr
+    head_lr = args.head_lr if args.head_lr is not None else (method.head_lr or lr)
+    weight_decay = args.weight_decay if args.weight_decay is not None else method.weight_decay
+
+    set_seed(args.seed)  # before the model: the new head and the adapters are initialised from it
+    splits = make_splits(
+        load_task(args.task, args.data_dir), args.seed, args.validation_size, args.max_train_samples, args.max_test_samples
+    )
+    tokenizer, model = _load_model(resolve_model(args.model), task.num_labels)
+    head = head_modules(model)
+    options = {"targets": args.targets, "block_size": args.block_size, "rank": args.rank, "alpha": args.alpha}
+    model = build_method(model, args.method, MethodOptions(head=head, **{k: v for k, v in options.items() if v is not None}))
+    data = {name: tokenize(split, tokenizer, task, args.max_length, args.pad_to_max_length) for name, split in splits.items()}
+
+    result = fit(
+        model,
+        data["train"],
+        data["validation"],
+        config=TrainConfig(
+            output_dir=os.path.join(out, "trainer"),
+            lr=lr,
+            head_lr=head_lr,
+            weight_decay=weight_decay,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            warmup_ratio=args.warmup_ratio,
+            seed=args.seed,
+        ),
+        head=head,
+        metric=task.metrics[0],
+        compute_metrics=compute_metrics(task),
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
+    test = evaluate(result.trainer, data["test"])
+    if not result.trainer.is_world_process_zero():
+        return 0
+    config = {k: v for k, v in vars(args).items() if k != "command"}
+    config.update(lr=lr, head_lr=head_lr, weight_decay=weight_decay, head=head, out=out)
+    results = {
+        "task": args.task,
+        "method": args.method,
+        "model": args.model,
+        "seed": args.seed,
+        "main_metric": task.metrics[0],
+        "trainable_params": trainable_parameters(model, head),
+        "validation": result.best,
+        "test": test,
+        "peak_memory_bytes": result.peak_memory_bytes,
+        "memory_kind": result.memory_kind,
+        "train_seconds": result.train_seconds,
+        "samples": {name: len(split) for name, split in data.items()},
+        "history": result.history,
+        "config": config,
+    }
+    write_results(os.path.join(out, "results.json"), results)
+    metric = task.metrics[0]
+    print(
+        f"{args.task} {args.method} seed {args.seed}: validation {metric} {result.best[metric]:.4f} "
+        f"(epoch {result.best['epoch']:g}), test {metric} {test[metric]:.4f} -> {out}/results.json"
+    )
+    return 0
+
+
+# -- c3a glue-suite -------------------------------------------------------------------------------------
+def _list(values: list[str]) -> list[str]:
+    """Accept both ``a b c`` and ``a,b,c``."""
+    return [v for value in values for v in value.split(",") if v]
+
+
+def add_glue_suite_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), help="default: all six")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["full", "bitfit", "ia3", "lora", "vera", "boft", "c3a"],
+        help="table rows: a method name, optionally with `c3a glue` options after colons, e.g. "
+        "c3a:block-size=64 or lora:rank=16:lr=5e-4 (row label `c3a (block-size=64)`)",
+    )
+    parser.add_argument("--seeds", nargs="+", default=["0", "1", "2"])
+    parser.add_argument("--out", required=True, help="grid folder: <task>/<row>/seed<k>/results.json, table.md, summary.png")
+    _add_shared_arguments(parser)
+
+
+@dataclass(frozen=True)
+class Row:
+    spec: str  # as given: NAME[:option=value...]
+    method: str
+    argv: tuple[str, ...]  # the options as `c3a glue` flags
+
+    @property
+    def label(self) -> str:
+        options = self.spec.partition(":")[2]
+        return f"{self.method} ({options.replace(':', ', ')})" if options else self.method
+
+    @property
+    def folder(self) -> str:
+        return re.sub(r"[^A-Za-z0-9.-]+", "_", self.spec)
+
+
+def parse_row(spec: str) -> Row:
+    method, *options = spec.split(":")
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} in {spec!r} is unknown; choose from {', '.join(METHODS)}")
+    argv = []
+    for option in options:
+        name, equals, value = option.partition("=")
+        if not equals or not name or name.startswith("-"):
+            raise ValueError(f"option {option!r} in {spec!r} must be NAME=VALUE (a `c3a glue` option without dashes)")
+        argv += [f"--{name}", value]
+    return Row(spec, method, tuple(argv))
+
+
+def _shared_argv(args: argparse.Namespace) -> list[str]:
+    """The shared options of ``args`` as command-line flags again, for the cells' `c3a glue`."""
+    parser = argparse.ArgumentParser()
+    _add_shared_arguments(parser)
+    argv = []
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.dest == "help" or value is None or value is False:
+            continue
+        flag = action.option_strings[-1]
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def run_glue_suite(args: argparse.Namespace) -> int:
+    from c3a.experiments.report import Cell, write_report
+
+    tasks, seeds = _list(args.tasks), [int(s) for s in _list(args.seeds)]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}; choose from {', '.join(TASKS)}")
+    rows = [parse_row(spec) for spec in _list(args.methods)]
+    shared = _shared_argv(args)
+    glue_parser = argparse.ArgumentParser(prog="c3a glue")
+    add_glue_arguments(glue_parser)
+
+    cells = []  # seeds outermost: a partial grid already covers every row and task
+    for seed in seeds:
+        for task in tasks:
+            for row in rows:
+                folder = os.path.join(args.out, task, row.folder, f"seed{seed}")
+                argv = ["--task", task, "--method", row.method, "--seed", str(seed), "--out", folder, *shared, *row.argv]
+                glue_parser.parse_args(argv)  # a bad option fails now, not after hours of other cells
+                cells.append((task, row, folder, argv))
+
+    failed = []
+    for i, (task, row, folder, argv) in enumerate(cells, 1):
+        if os.path.isfile(os.path.join(folder, "results.json")):
+            print(f"[{i}/{len(cells)}] {folder}: done before, skipped", flush=True)
+            continue
+        print(f"[{i}/{len(cells)}] c3a glue {' '.join(argv)}", flush=True)
+        # one process per cell: peak RSS is a per-process high-water mark
+        if subprocess.run([sys.executable, "-m", "c3a.cli", "glue", *argv]).returncode != 0:
+            failed.append(folder)
+
+    finished = []
+    for task, row, folder, _ in cells:
+        path = os.path.join(folder, "results.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                finished.append(Cell(row.label, TASKS[task].title, json.load(f)))
+    if finished:
+        write_report(
+            finished,
+            args.out,
+            rows=[row.label for row in rows],
+            columns=[TASKS[t].title for t in tasks],
+            title=f"GLUE, model {args.model}",
+        )
+        print(f"table: {os.path.join(args.out, 'table.md')}, chart: {os.path.join(args.out, 'summary.png')}")
+    if failed:
+        print(f"{len(failed)} cell(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,155 @@
+"""Tables and charts from experiments' ``results.json``: method rows × task columns, as in the paper.
+
+A result needs ``main_metric``, ``test`` (metric → value), ``trainable_params``, ``peak_memory_bytes`` and
+``memory_kind``; nothing here knows which experiment wrote it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from c3a.io import atomic_path, atomic_write_text
+
+MEMORY_KINDS = {"cuda_max_allocated": "peak GPU memory (torch.cuda.max_memory_allocated)", "cpu_peak_rss": "peak RSS of the training process (CPU)"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    row: str  # e.g. the method
+    column: str  # e.g. the task
+    results: dict
+
+
+def score(results: dict) -> float:
+    """The main test metric, ×100 as papers print it."""
+    return 100 * results["test"][results["main_metric"]]
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _params(values: set[int]) -> str:
+    low, high = min(values), max(values)
+    text = f"{low / 1e6:.3f}M"
+    return text if low == high else f"{text}–{high / 1e6:.3f}M"
+
+
+def _mean_std(values: list[float]) -> str:
+    return f"{np.mean(values):.1f}" if len(values) == 1 else f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
+
+
+@dataclass
+class Summary:
+    """Per row: scores per column (one per seed), parameter counts, peak memory and its kind."""
+
+    scores: dict[str, dict[str, list[float]]]
+    params: dict[str, set[int]]
+    memory: dict[str, tuple[int, str]]
+    metrics: dict[str, str]  # column → its main metric
+    rows: list[str]
+    columns: list[str]
+
+    def average(self, row: str) -> Optional[float]:
+        """Mean over columns of the per-column means; None unless every column has a score."""
+        if not all(self.scores[row].get(c) for c in self.columns):
+            return None
+        return float(np.mean([np.mean(self.scores[row][c]) for c in self.columns]))
+
+
+def summarize(cells: list[Cell], rows: Optional[list[str]] = None, columns: Optional[list[str]] = None) -> Summary:
+    rows = [r for r in (rows or dict.fromkeys(c.row for c in cells)) if any(c.row == r for c in cells)]
+    columns = columns or list(dict.fromkeys(c.column for c in cells))
+    scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    params: dict[str, set[int]] = defaultdict(set)
+    memory: dict[str, tuple[int, str]] = {}
+    metrics: dict[str, str] = {}
+    for cell in cells:
+        r = cell.results
+        scores[cell.row][cell.column].append(score(r))
+        params[cell.row].add(int(r["trainable_params"]))
+        if cell.row not in memory or r["peak_memory_bytes"] > memory[cell.row][0]:
+            memory[cell.row] = (r["peak_memory_bytes"], r["memory_kind"])
+        metrics[cell.column] = r["main_metric"]
+    return Summary(scores, params, memory, metrics, rows, columns)
+
+
+def markdown_table(summary: Summary, title: Optional[str] = None) -> str:
+    s = summary
+    kinds = {kind for _, kind in s.memory.values()}
+    memory_header = "Peak memory" if len(kinds) != 1 else {"cuda_max_allocated": "Peak GPU mem", "cpu_peak_rss": "Peak RSS (CPU)"}.get(next(iter(kinds)), "Peak memory")
+    header = ["Method", "# Params", memory_header, *(f"{c} ({s.metrics.get(c, '?')})" for c in s.columns), "Avg."]
+    lines = [f"## {title}", ""] if title else []
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    runs = set()
+    for row in s.rows:
+        cells = []
+        for column in s.columns:
+            values = s.scores[row].get(column, [])
+            runs.add(len(values))
+            cells.append(_mean_std(values) if values else "–")
+        average = s.average(row)
+        memory_bytes, kind = s.memory[row]
+        memory = _bytes(memory_bytes) + ("" if len(kinds) == 1 else f" ({kind})")
+        lines.append(
+            "| " + " | ".join([row, _params(s.params[row]), memory, *cells, "–" if average is None else f"{average:.1f}"]) + " |"
+        )
+    seeds = "/".join(str(n) for n in sorted(runs - {0}))
+    lines += [
+        "",
+        f"Test scores ×100 at the epoch with the best validation score; mean ± sample std over {seeds} run(s) per cell. "
+        "Avg. = mean of the column means. # Params: trainable parameters without the task head. "
+        "Memory: the highest over the row's runs; "
+        + "; ".join(f"{k} = {MEMORY_KINDS.get(k, k)}" for k in sorted(kinds))
+        + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def bar_chart(summary: Summary, path: str, title: Optional[str] = None) -> None:
+    """Grouped bars (score per column, std as error bars) beside average score vs trainable parameters."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = summary
+    fig, (bars, scatter) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    width = 0.8 / max(len(s.rows), 1)
+    x = np.arange(len(s.columns))
+    for i, row in enumerate(s.rows):
+        values = [s.scores[row].get(c, []) for c in s.columns]
+        means = [np.mean(v) if v else np.nan for v in values]
+        errors = [np.std(v, ddof=1) if len(v) > 1 else 0 for v in values]
+        bars.bar(x + (i - (len(s.rows) - 1) / 2) * width, means, width, yerr=errors, capsize=2, label=row)
+    bars.set_xticks(x, [f"{c}\n({s.metrics.get(c, '?')})" for c in s.columns])
+    bars.set_ylabel("test score ×100")
+    bars.legend(fontsize=8, ncol=2)
+    for row in s.rows:
+        average = s.average(row)
+        if average is not None:
+            scatter.scatter(max(s.params[row]), average)
+            scatter.annotate(row, (max(s.params[row]), average), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    scatter.set_xscale("symlog", linthresh=1e3)
+    scatter.set_xlabel("trainable parameters (head excluded)")
+    scatter.set_ylabel("average score")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def write_report(cells: list[Cell], out: str, rows=None, columns=None, title: Optional[str] = None) -> Summary:
+    """``out/table.md`` and ``out/summary.png`` for ``cells``."""
+    summary = summarize(cells, rows, columns)
+    atomic_write_text(os.path.join(out, "table.md"), markdown_table(summary, title))
+    bar_chart(summary, os.path.join(out, "summary.png"), title)
+    return summary

