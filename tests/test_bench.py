@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from transformers import RobertaConfig
 
 from c3a.cli import main
 from c3a.experiments.bench import Spec, _add_ratios
@@ -24,10 +25,17 @@ def test_ratios_are_paired_per_round():
     assert rows[1]["memory_ratio_to_lora"] == pytest.approx(0.9)
 
 
-def test_bench_smoke(tmp_path):
+@pytest.fixture
+def tiny_roberta_dir(tmp_path):
+    config = RobertaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+    config.save_pretrained(tmp_path / "tiny")
+    return str(tmp_path / "tiny")
+
+
+def test_bench_smoke(tmp_path, tiny_roberta_dir):
     out = tmp_path / "bench"
     args = [
-        "bench", "--model", "roberta-tiny", "--methods", "frozen,lora:4,c3a:32", "--batch", "2", "--seq", "16",
+        "bench", "--model", tiny_roberta_dir, "--methods", "frozen,lora:4,c3a:32", "--batch", "2", "--seq", "16",
         "--warmup", "1", "--rounds", "2", "--threads", "1", "--operator", "--op-shapes", "64x64",
         "--op-blocks", "32", "--op-tokens", "8", "--op-reps", "1", "--out", str(out),
     ]
@@ -50,6 +58,6 @@ def test_bench_smoke(tmp_path):
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_bench_names_failing_method(tmp_path):
+def test_bench_names_failing_method(tmp_path, tiny_roberta_dir):
     with pytest.raises(RuntimeError, match=r"c3a \(b=5\).*block_size 5"):
-        main(["bench", "--model", "roberta-tiny", "--methods", "c3a:5", "--rounds", "1", "--out", str(tmp_path)])
+        main(["bench", "--model", tiny_roberta_dir, "--methods", "c3a:5", "--rounds", "1", "--out", str(tmp_path)])

@@ -23,14 +23,6 @@ from tqdm import tqdm
 
 from c3a.io import atomic_path, atomic_write_text
 
-# Public architecture numbers; a few layers of the LLaMA shapes keep memory and time small.
-MODELS = {
-    "roberta-tiny": dict(model_type="roberta", hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),  # smoke tests
-    "roberta-base": dict(model_type="roberta", hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    "roberta-large": dict(model_type="roberta", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
-    "llama2-7b-layers": dict(model_type="llama", hidden_size=4096, num_hidden_layers=2, num_attention_heads=32, intermediate_size=11008, vocab_size=32000),
-    "llama3-8b-layers": dict(model_type="llama", hidden_size=4096, num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336, vocab_size=32000),
-}
 DEFAULT_METHODS = "frozen,lora:8,c3a:128,c3a:768,peft-c3a:128,vera:256,boft,ia3,bitfit,full"
 
 
@@ -53,14 +45,16 @@ class Spec:
 
 
 def build_model(model: str, spec: Spec, layers: Optional[int], dtype: torch.dtype, device: str):
-    from transformers import AutoConfig, AutoModel
+    """``model`` is a built-in paper architecture, a hub id or a folder with a config; random weights."""
+    from transformers import AutoModel
+
+    from c3a.paper_models import model_config
 
     from .methods import MethodOptions, build_method
 
-    kwargs = dict(MODELS[model])
+    config = model_config(model)
     if layers:
-        kwargs["num_hidden_layers"] = layers
-    config = AutoConfig.for_model(**kwargs)
+        config.num_hidden_layers = layers
     torch.manual_seed(0)
     net = AutoModel.from_config(config).to(device=device, dtype=dtype)
     if spec.name == "frozen":  # the floor: backprop through every layer, no parameter to update
@@ -335,8 +329,10 @@ def _device_name(device: str) -> str:
 
 # -- command ---------------------------------------------------------------------------------------------------
 def add_bench_arguments(p) -> None:
-    p.add_argument("--model", default="roberta-base", choices=sorted(MODELS))
-    p.add_argument("--layers", type=int, default=None, help="number of layers (default: the model's)")
+    p.add_argument("--model", default="roberta-base",
+                   help="a built-in paper architecture (roberta-base, roberta-large, llama2-7b, llama3-8b, ...), "
+                        "a hub id or a folder with config.json; weights are random")
+    p.add_argument("--layers", type=int, default=None, help="number of layers (default: the model's; e.g. 2 for LLaMA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated name[:b or r] (default: {DEFAULT_METHODS})")
