@@ -1,0 +1,262 @@
+"""`c3a sft`: answer extraction and scoring, data plumbing, and end-to-end runs on a tiny random Llama."""
+
+import json
+import random
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+from datasets import Dataset, DatasetDict
+
+from c3a.cli import main
+from c3a.experiments.answers import (
+    SCORERS,
+    gsm8k_answer,
+    last_boxed,
+    math_answer,
+    math_equal,
+    normalize_mr,
+    normalize_sql,
+    parse_number,
+)
+from c3a.experiments.instruct import FORMATS, make_splits, score, tokenize
+
+GSM8K_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train_sample.jsonl"
+
+
+# -- answers ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "text, number",
+    [
+        ("Natalia sold 48+24 = 72 clips.\n#### 72", 72),
+        ("#### 1,234", 1234),
+        ("She earned $<<0.2*50=10>>10.\n#### $10", 10),
+        ("#### 5.0", 5),
+        ("#### -3", -3),
+        ("#### 12.50.", Fraction(25, 2)),
+        ("10 - 3 = 7, so 7 apples remain", 7),  # no ####: the last number; "- 3" after a digit is subtraction
+        ("Total: 3,500 dollars, or $3,500.", 3500),
+        ("#### 7\nThe answer is: 8", 7),  # after #### wins over the last number
+        ("The temperature fell to -12 degrees", -12),
+        ("no number here", None),
+    ],
+)
+def test_gsm8k_answer(text, number):
+    assert gsm8k_answer(text) == number
+
+
+def test_parse_number_is_strict():
+    assert parse_number("$1,000.00") == 1000 and parse_number("3/4") == Fraction(3, 4) and parse_number("7.") == 7
+    assert parse_number("12,34") is None and parse_number("x") is None and parse_number("1/0") is None
+
+
+def test_gsm8k_real_sample_golds():
+    if not GSM8K_SAMPLE.is_file():
+        pytest.skip(f"shared data absent: {GSM8K_SAMPLE}")
+    rows = [json.loads(line) for line in GSM8K_SAMPLE.read_text().splitlines()]
+    fmt, scorer = FORMATS["gsm8k"], SCORERS["gsm8k"]
+    assert len(rows) == 300
+    for row in rows:
+        number = gsm8k_answer(row["answer"])
+        assert number is not None and number == int(row["answer"].rsplit("####", 1)[1].replace(",", ""))
+        assert scorer.correct(row["answer"], row["answer"])
+        assert scorer.correct(fmt.target(row), row["answer"])  # calculator annotations removed: same number
+        assert "<<" not in fmt.target(row)
+        wrong = row["answer"].rsplit("####", 1)[0] + f"#### {number + 1}"
+        assert not scorer.correct(wrong, row["answer"])
+
+
+def test_last_boxed_nested_and_last():
+    assert last_boxed(r"so $\boxed{\frac{1}{2}}$.") == r"\frac{1}{2}"
+    assert last_boxed(r"\boxed{1} then \boxed{x^{2}+\sqrt{y_{1}}}") == r"x^{2}+\sqrt{y_{1}}"
+    assert last_boxed(r"\fbox{42}") == "42"
+    assert last_boxed(r"\boxed 5$") == "5"
+    assert last_boxed(r"cut off \boxed{\frac{1}{2") is None
+    assert last_boxed("no box") is None
+
+
+@pytest.mark.parametrize(
+    "prediction, gold, correct",
+    [
+        (r"... \boxed{\dfrac{1}{2}}", r"The answer is $\boxed{\frac12}$.", True),
+        (r"\boxed{0.5}", r"\boxed{\frac{1}{2}}", True),  # numerically equal
+        (r"\boxed{-\frac{3}{4}}", r"\boxed{-0.75}", True),
+        (r"\boxed{\left( 3, \frac{\pi}{2} \right)}", r"\boxed{(3,\frac{\pi}{2})}", True),
+        (r"\boxed{90^\circ}", r"\boxed{90}", True),
+        (r"\boxed{10.}", r"\boxed{10}", True),
+        (r"\boxed{10,000}", r"\boxed{10000}", True),
+        ("Simplify.\nThe answer is: 7", r"\boxed{7}", True),  # MetaMathQA's ending
+        (r"\boxed{1,2}", r"\boxed{12}", False),  # a list of two answers is not twelve
+        (r"\boxed{\frac{1}{3}}", r"\boxed{0.33}", False),
+        (r"\boxed{x+1}", r"\boxed{x-1}", False),
+        ("no final answer", r"\boxed{3}", False),
+    ],
+)
+def test_math_scoring(prediction, gold, correct):
+    assert SCORERS["math"].correct(prediction, gold) is correct
+
+
+def test_math_answer_normalises():
+    assert math_answer(r"\boxed{ \left[ 1, 2 \right) }") == "[1,2)"
+    assert math_answer(r"\boxed{\tfrac{3}{4}\!}") == r"\frac{3}{4}"
+    assert math_equal(r"\frac{6}{8}", "0.75") and not math_equal(r"\frac{a}{b}", "1")
+
+
+def test_sql_and_viggo_exact_match():
+    sql = SCORERS["sql"]
+    gold = 'SELECT COUNT(*) FROM head WHERE name = "John Smith"'
+    assert sql.correct('select count ( * )  from head\twhere name="John Smith";', gold)
+    assert not sql.correct('SELECT COUNT(*) FROM head WHERE name = "john smith"', gold)  # literals keep case
+    assert not sql.correct("SELECT COUNT(*) FROM head", gold)
+    assert normalize_sql("SELECT a FROM t;\nextra text") == "select a from t"
+    mr = "inform(name[Tomb Raider], release_year[2013], rating[good])"
+    assert SCORERS["mr"].correct("inform( name[Tomb Raider] , release_year[2013], rating[good])\n\nmore", mr)
+    assert not SCORERS["mr"].correct("inform(name[tomb raider], release_year[2013], rating[good])", mr)
+    assert normalize_mr("") == "" and not SCORERS["mr"].correct("", "")  # an empty generation is wrong
+
+
+# -- data -------------------------------------------------------------------------------------------------
+def test_formats_read_their_datasets_fields():
+    math = FORMATS["metamath"].check(Dataset.from_dict({"problem": ["1+1?"], "solution": [r"$\boxed{2}$"]}), "MATH")
+    assert math.column_names == ["query", "response"]
+    assert "1+1?" in FORMATS["metamath"].prompt(math[0])
+    with pytest.raises(ValueError, match=r"fields \['context'\] missing"):
+        FORMATS["sql"].check(Dataset.from_dict({"question": ["q"], "answer": ["a"]}), "train")
+    row = {"instruction": "Add.", "input": "", "output": "2"}
+    assert "Input" not in FORMATS["alpaca"].prompt(row) and "Input" in FORMATS["alpaca"].prompt({**row, "input": "1+1"})
+
+
+def _gsm8k_rows(n, seed=0):
+    """GSM8K-shaped rows whose answers are all ``#### 7``: a tiny model learns that in a few epochs, and the
+    questions hold no 7 for a last-number fallback to find."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        question = f"Tom has {rng.randint(1, 6)} apples and gets some more. How many apples?"
+        rows.append({"idx": i, "question": question, "answer": "#### 7"})
+    return rows
+
+
+def test_make_splits_protocol():
+    fmt = FORMATS["gsm8k"]
+    raw = DatasetDict(train=Dataset.from_list(_gsm8k_rows(60)))
+    splits = make_splits(raw, fmt, seed=0, eval_samples=10)
+    assert [len(splits[s]) for s in ("train", "validation", "test")] == [48, 2, 10]  # validation: 5% of 50
+    assert set().union(*(splits[s]["idx"] for s in ("train", "validation", "test"))) == set(range(60))  # disjoint
+    assert make_splits(raw, fmt, seed=0, eval_samples=10)["test"]["idx"] == splits["test"]["idx"]  # seeded
+    assert make_splits(raw, fmt, seed=1, eval_samples=10)["test"]["idx"] != splits["test"]["idx"]
+    # a test split is used as given (at most --eval-samples rows); a validation split too
+    given = DatasetDict(train=raw["train"], validation=raw["train"].select(range(3)), test=raw["train"].select(range(20)))
+    splits = make_splits(given, fmt, seed=0, eval_samples=5)
+    assert [len(splits[s]) for s in ("train", "validation", "test")] == [60, 3, 5]
+    # a separate evaluation source (MATH after MetaMathQA) with its own field names
+    metamath = DatasetDict(train=Dataset.from_dict({"query": ["q"] * 30, "response": ["The answer is: 1"] * 30}))
+    math = DatasetDict(test=Dataset.from_dict({"problem": ["p", "p"], "solution": [r"\boxed{1}", r"\boxed{\frac{1}{2}}"]}))
+    splits = make_splits(metamath, FORMATS["metamath"], seed=0, eval_raw=math)
+    assert splits["test"].column_names == ["query", "response"] and len(splits["test"]) == 2
+    # a reference without an answer stops everything before training
+    bad = DatasetDict(train=raw["train"], test=Dataset.from_dict({"question": ["q"], "answer": ["no number"]}))
+    with pytest.raises(ValueError, match="reference answer"):
+        make_splits(bad, fmt, seed=0)
+
+
+class _CharTokenizer:
+    """Stand-in tokenizer: one id per character, BOS 1 prepended, EOS 2."""
+
+    eos_token_id = 2
+
+    def __call__(self, texts, add_special_tokens=True):
+        return {"input_ids": [([1] if add_special_tokens else []) + [ord(c) for c in t] for t in texts]}
+
+
+def test_tokenize_masks_the_prompt_and_ends_with_eos():
+    fmt = FORMATS["sql"]
+    row = {"question": "How many?", "context": "CREATE TABLE t (a INT)", "answer": "SELECT COUNT(*) FROM t"}
+    data = tokenize(Dataset.from_list([row]), _CharTokenizer(), fmt, max_length=1000)
+    prompt, answer = [1] + [ord(c) for c in fmt.prompt(row)], [ord(c) for c in row["answer"]] + [2]
+    assert data[0]["input_ids"] == prompt + answer
+    assert data[0]["labels"] == [-100] * len(prompt) + answer
+    cut = tokenize(Dataset.from_list([row]), _CharTokenizer(), fmt, max_length=len(prompt) + 3)
+    assert cut[0]["labels"] == [-100] * len(prompt) + answer[:3]
+    with pytest.raises(ValueError, match="at least --max-length"):
+        tokenize(Dataset.from_list([row]), _CharTokenizer(), fmt, max_length=len(prompt))
+
+
+def test_score_counts_and_records():
+    fmt = FORMATS["gsm8k"]
+    rows = _gsm8k_rows(3)
+    metrics, records = score(fmt, rows, ["#### 7", "so 7.", "#### 8"])
+    assert metrics == {"accuracy": pytest.approx(2 / 3), "n": 3}
+    assert [r["correct"] for r in records] == [True, True, False]
+    assert records[2]["answer"] == "8" and records[2]["gold_answer"] == "7" and records[0]["prompt"] == fmt.prompt(rows[0])
+
+
+# -- end to end -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A 2-layer random Llama (hidden 32) with a byte-level BPE tokenizer trained on the test data, and a
+    GSM8K-style JSONL of :func:`_gsm8k_rows`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, set_seed
+
+    root = tmp_path_factory.mktemp("sft")
+    rows = _gsm8k_rows(48)
+    (root / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fmt = FORMATS["gsm8k"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator([fmt.prompt(r) + fmt.target(r) for r in rows], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    set_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    tokenizer.save_pretrained(root / "model")
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    return root
+
+
+def _sft(root, out, *extra):
+    argv = ["sft", "--model", str(root / "model"), "--data", str(root / "gsm8k.jsonl"), "--format", "gsm8k",
+            "--batch-size", "8", "--eval-samples", "6", "--out", str(out), *extra]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    return results, predictions
+
+
+def test_sft_learns_the_answer_format(tiny_llama, tmp_path):
+    """Full fine-tuning learns to answer `#### 7` and stop (EOS): masking, generation and scoring agree."""
+    results, predictions = _sft(tiny_llama, tmp_path, "--method", "full", "--lr", "1e-2", "--epochs", "6", "--max-new-tokens", "24")
+    assert results["test"] == {"accuracy": 1.0, "n": 6}
+    assert len(predictions) == 6 and all(p["correct"] and p["answer"] == "7" for p in predictions)
+    assert all(p["prediction"] == "#### 7" for p in predictions)  # stopped at EOS, well before 24 tokens
+    assert results["samples"] == {"train": 40, "validation": 2, "test": 6}
+    losses = [row["train_loss"] for row in results["history"] if "train_loss" in row]
+    assert len(losses) == 30 and losses[-1] < losses[0]  # a loss every step (30 steps), falling
+    validation = [row["validation"]["loss"] for row in results["history"] if "validation" in row]
+    assert len(validation) == 6 and results["validation"]["loss"] == min(validation)
+
+
+def test_sft_c3a_with_gradient_checkpointing(tiny_llama, tmp_path):
+    results, predictions = _sft(
+        tiny_llama, tmp_path, "--method", "c3a", "--block-size", "8", "--epochs", "2", "--gradient-checkpointing", "--max-new-tokens", "4"
+    )
+    assert results["trainable_params"] == 2 * (32 * 32 + 16 * 32) // 8  # q_proj 32→32, v_proj 32→16 (2 KV heads)
+    first, second = [row["validation"]["loss"] for row in results["history"] if "validation" in row]
+    assert second < first  # the adapters get gradients through the checkpointed layers
+    assert results["test"]["accuracy"] == sum(p["correct"] for p in predictions) / len(predictions)
+    for key in ("peak_memory_bytes", "memory_kind", "train_seconds", "eval_seconds", "config"):
+        assert key in results
+
+
+def test_sft_lora_max_steps(tiny_llama, tmp_path):
+    results, _ = _sft(tiny_llama, tmp_path, "--method", "lora", "--rank", "4", "--dropout", "0.05", "--max-steps", "2", "--max-new-tokens", "4")
+    assert results["trainable_params"] == 2 * 4 * ((32 + 32) + (32 + 16))
+    assert results["history"][-1]["epoch"] < 1 and "validation" in results["history"][-1]  # validated at the stop
