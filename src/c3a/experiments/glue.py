@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from c3a.experiments.methods import METHODS, MethodOptions, build_method, trainable_parameters
+from c3a.experiments.methods import METHODS, build_method, trainable_parameters
 
 
 # -- tasks and metrics ----------------------------------------------------------------------------------
@@ -160,13 +160,9 @@ def tokenize(dataset, tokenizer, task: Task, max_length: int, pad_to_max_length:
 
 
 # -- c3a glue -------------------------------------------------------------------------------------------
-def _block_size(value: str):
-    return value if value == "auto" else int(value)
-
-
 def _add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `c3a glue` that `c3a glue-suite` passes on to every cell."""
-    from c3a.experiments.train import MODEL_SHORTCUTS
+    from c3a.experiments.train import MODEL_SHORTCUTS, add_method_arguments
 
     parser.add_argument(
         "--model",
@@ -174,11 +170,7 @@ def _add_shared_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"hub id or local folder of a model with a sequence-classification head, or a shortcut: {', '.join(MODEL_SHORTCUTS)}",
     )
     parser.add_argument("--data-dir", help="folder with <task>/train.jsonl and <task>/validation.jsonl (default: the hub's GLUE)")
-    method = parser.add_argument_group("method options (default: the registry's)")
-    method.add_argument("--block-size", type=_block_size, help="C³A block size, an integer or 'auto' (default 128)")
-    method.add_argument("--rank", type=int, help="LoRA / VeRA rank (default 8)")
-    method.add_argument("--alpha", type=float, help="LoRA alpha (default 2·rank)")
-    method.add_argument("--targets", nargs="+", help="modules to adapt (default: PEFT's default for the model type)")
+    add_method_arguments(parser)
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=float, default=3)
     train.add_argument("--batch-size", type=int, default=32)
@@ -215,7 +207,7 @@ def _load_model(name: str, num_labels: int):
 def run_glue(args: argparse.Namespace) -> int:
     from transformers import DataCollatorWithPadding, set_seed
 
-    from c3a.experiments.train import TrainConfig, evaluate, fit, head_modules, resolve_model, write_results
+    from c3a.experiments.train import TrainConfig, evaluate, fit, head_modules, method_options, resolve_model, write_results
 
     task, method = TASKS[args.task], METHODS[args.method]
     out = args.out or os.path.join("c3a-glue", args.task, args.method, f"seed{args.seed}")
@@ -229,8 +221,7 @@ def run_glue(args: argparse.Namespace) -> int:
     )
     tokenizer, model = _load_model(resolve_model(args.model), task.num_labels)
     head = head_modules(model)
-    options = {"targets": args.targets, "block_size": args.block_size, "rank": args.rank, "alpha": args.alpha}
-    model = build_method(model, args.method, MethodOptions(head=head, **{k: v for k, v in options.items() if v is not None}))
+    model = build_method(model, args.method, method_options(args, head))
     data = {name: tokenize(split, tokenizer, task, args.max_length, args.pad_to_max_length) for name, split in splits.items()}
 
     result = fit(
