@@ -162,7 +162,7 @@ def tokenize(dataset, tokenizer, task: Task, max_length: int, pad_to_max_length:
 # -- c3a glue -------------------------------------------------------------------------------------------
 def _add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `c3a glue` that `c3a glue-suite` passes on to every cell."""
-    from c3a.experiments.train import MODEL_SHORTCUTS, add_method_arguments
+    from c3a.experiments.train import MODEL_SHORTCUTS, add_method_arguments, add_training_arguments
 
     parser.add_argument(
         "--model",
@@ -171,18 +171,13 @@ def _add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--data-dir", help="folder with <task>/train.jsonl and <task>/validation.jsonl (default: the hub's GLUE)")
     add_method_arguments(parser)
-    train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=float, default=3)
-    train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--max-length", type=int, default=128, help="tokens per example, longer ones are truncated")
-    train.add_argument("--pad-to-max-length", action="store_true", help="pad every batch to --max-length (fixed shapes for memory measurements)")
-    train.add_argument("--lr", type=float, help="learning rate of the method's parameters (default: the method's)")
-    train.add_argument("--head-lr", type=float, help="learning rate of the classification head (default: the method's)")
-    train.add_argument("--weight-decay", type=float, help="default: the method's")
-    train.add_argument("--warmup-ratio", type=float, default=0.06)
-    train.add_argument("--max-train-samples", type=int, help="train on at most this many rows (after carving validation)")
-    train.add_argument("--max-test-samples", type=int, help="test on a fixed random subset of this many rows (same for every run)")
-    train.add_argument("--validation-size", type=int, help="rows carved from train for validation (default: 10%%, at most 1000)")
+    add_training_arguments(parser, epochs=3, batch_size=32, seed=False)
+    data = parser.add_argument_group("data")
+    data.add_argument("--max-length", type=int, default=128, help="tokens per example, longer ones are truncated")
+    data.add_argument("--pad-to-max-length", action="store_true", help="pad every batch to --max-length (fixed shapes for memory measurements)")
+    data.add_argument("--max-train-samples", type=int, help="train on at most this many rows (after carving validation)")
+    data.add_argument("--max-test-samples", type=int, help="test on a fixed random subset of this many rows (same for every run)")
+    data.add_argument("--validation-size", type=int, help="rows carved from train for validation (default: 10%%, at most 1000)")
 
 
 def add_glue_arguments(parser: argparse.ArgumentParser) -> None:
@@ -207,13 +202,11 @@ def _load_model(name: str, num_labels: int):
 def run_glue(args: argparse.Namespace) -> int:
     from transformers import DataCollatorWithPadding, set_seed
 
-    from c3a.experiments.train import TrainConfig, evaluate, fit, head_modules, method_options, resolve_model, write_results
+    from c3a.experiments.train import evaluate, fit, head_modules, method_options, resolve_model, train_config, write_results
 
-    task, method = TASKS[args.task], METHODS[args.method]
+    task = TASKS[args.task]
     out = args.out or os.path.join("c3a-glue", args.task, args.method, f"seed{args.seed}")
-    lr = args.lr if args.lr is not None else method.lr
-    head_lr = args.head_lr if args.head_lr is not None else (method.head_lr or lr)
-    weight_decay = args.weight_decay if args.weight_decay is not None else method.weight_decay
+    config = train_config(args, os.path.join(out, "trainer"))
 
     set_seed(args.seed)  # before the model: the new head and the adapters are initialised from it
     splits = make_splits(
@@ -228,16 +221,7 @@ def run_glue(args: argparse.Namespace) -> int:
         model,
         data["train"],
         data["validation"],
-        config=TrainConfig(
-            output_dir=os.path.join(out, "trainer"),
-            lr=lr,
-            head_lr=head_lr,
-            weight_decay=weight_decay,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            warmup_ratio=args.warmup_ratio,
-            seed=args.seed,
-        ),
+        config=config,
         head=head,
         metric=task.metrics[0],
         compute_metrics=compute_metrics(task),
@@ -246,8 +230,8 @@ def run_glue(args: argparse.Namespace) -> int:
     test = evaluate(result.trainer, data["test"])
     if not result.trainer.is_world_process_zero():
         return 0
-    config = {k: v for k, v in vars(args).items() if k != "command"}
-    config.update(lr=lr, head_lr=head_lr, weight_decay=weight_decay, head=head, out=out)
+    settings = {k: v for k, v in vars(args).items() if k != "command"}
+    settings.update(lr=config.lr, head_lr=config.head_lr, weight_decay=config.weight_decay, head=head, out=out)
     results = {
         "task": args.task,
         "method": args.method,
@@ -262,7 +246,7 @@ def run_glue(args: argparse.Namespace) -> int:
         "train_seconds": result.train_seconds,
         "samples": {name: len(split) for name, split in data.items()},
         "history": result.history,
-        "config": config,
+        "config": settings,
     }
     write_results(os.path.join(out, "results.json"), results)
     metric = task.metrics[0]

@@ -264,8 +264,11 @@ def method_options(args: argparse.Namespace, head: list[str]) -> MethodOptions:
     return MethodOptions(head=head, **{k: v for k, v in given.items() if v is not None})
 
 
-def add_training_arguments(parser: argparse.ArgumentParser, *, epochs: float, batch_size: int, head: bool = True) -> None:
-    """Training options read by :func:`train_config`; ``head=False`` for models without a new task head."""
+def add_training_arguments(
+    parser: argparse.ArgumentParser, *, epochs: float, batch_size: int, head: bool = True, seed: bool = True
+) -> None:
+    """Training options read by :func:`train_config`; ``head=False`` for models without a new task head,
+    ``seed=False`` where the caller declares ``--seed`` itself (a suite runs several)."""
     group = parser.add_argument_group("training")
     group.add_argument("--epochs", type=float, default=epochs)
     group.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
@@ -278,7 +281,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, epochs: float, ba
     group.add_argument("--warmup-ratio", type=float, default=0.06)
     group.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (autocast)")
     group.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory, more time")
-    group.add_argument("--seed", type=int, default=0)
+    if seed:
+        group.add_argument("--seed", type=int, default=0)
 
 
 def train_config(args: argparse.Namespace, output_dir: str, **training_args) -> TrainConfig:
