@@ -260,3 +260,30 @@ def test_sft_lora_max_steps(tiny_llama, tmp_path):
     results, _ = _sft(tiny_llama, tmp_path, "--method", "lora", "--rank", "4", "--dropout", "0.05", "--max-steps", "2", "--max-new-tokens", "4")
     assert results["trainable_params"] == 2 * 4 * ((32 + 32) + (32 + 16))
     assert results["history"][-1]["epoch"] < 1 and "validation" in results["history"][-1]  # validated at the stop
+
+
+def test_sft_two_processes_share_generation(tiny_llama, tmp_path):
+    """Under torchrun the processes split the test set (5 rows: uneven shares) and the predictions file still has
+    every row once, in order."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from datasets import load_dataset
+
+    argv = ["--model", str(tiny_llama / "model"), "--data", str(tiny_llama / "gsm8k.jsonl"), "--format", "gsm8k",
+            "--method", "lora", "--rank", "4", "--max-steps", "2", "--batch-size", "2", "--eval-samples", "5",
+            "--max-new-tokens", "4", "--out", str(tmp_path)]  # fmt: skip
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), "-m", "c3a.cli", "sft", *argv]  # fmt: skip
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    raw = load_dataset("json", data_files={"train": str(tiny_llama / "gsm8k.jsonl")})
+    test = make_splits(raw, FORMATS["gsm8k"], seed=0, eval_samples=5)["test"]
+    assert [p["prompt"] for p in predictions] == [FORMATS["gsm8k"].prompt(row) for row in test]
+    assert json.loads((tmp_path / "results.json").read_text())["test"]["n"] == 5

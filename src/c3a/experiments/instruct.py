@@ -258,6 +258,7 @@ def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--validation-size", type=int, help="rows carved from train for the validation loss when there is no validation split (default: 5%%, at most 200)")
     data.add_argument("--eval-samples", type=int, help="score at most this many test rows; the hold-out size when there is no test split (default: all; hold-out 10%%, at most 500)")
     data.add_argument("--max-new-tokens", type=int, default=512, help="generation length limit per answer")
+    parser.epilog = "--bf16 also loads the model's weights in bfloat16 (C³A kernels and PEFT's LoRA weights stay fp32)."
 
 
 def _load_model(name: str, bf16: bool):
