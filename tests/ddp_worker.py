@@ -65,7 +65,7 @@ def main(out: str, batch_size: int) -> None:
             epochs=1,
             batch_size=batch_size,
             warmup_ratio=0.0,
-            training_args={"use_cpu": True, "disable_tqdm": True},
+            training_args={"disable_tqdm": True},  # CPU DDP over gloo without asking: fit's default
         ),
         head=["classifier"],
         metric="accuracy",

@@ -195,6 +195,9 @@ def fit(
         remove_unused_columns=False,
         label_names=["labels"],
     )
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available():
+        # without use_cpu, `torchrun` on a CPU-only machine trains every rank on its own (no DDP at all)
+        defaults["use_cpu"] = True
     args = TrainingArguments(**{**defaults, **config.training_args})  # training_args may override defaults
     keep_best = KeepBest(metric, greater_is_better)
     trainer = _Trainer(
