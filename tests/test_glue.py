@@ -309,8 +309,8 @@ def test_suite_checks_every_cell_before_running(model_dir, tmp_path):
 
 
 def _result(metric: str, value: float, params: int, memory: int) -> dict:
-    return {"main_metric": metric, "test": {metric: value}, "trainable_params": params, "peak_memory_bytes": memory,
-            "memory_kind": "cpu_peak_rss"}  # fmt: skip
+    return {"main_metric": metric, "test": {metric: value}, "validation": {metric: value / 2}, "trainable_params": params,
+            "peak_memory_bytes": memory, "memory_kind": "cpu_peak_rss"}  # fmt: skip
 
 
 def test_report_table_layout(tmp_path):
@@ -326,5 +326,7 @@ def test_report_table_layout(tmp_path):
     assert lines[4] == "| c3a | 0.001M | 1 MiB | 90.0 | – | – |"  # no CoLA score: no average
     assert lines[5] == f"| lora | 0.001M | 3 MiB | 80.0 ± {100 * np.std([0.78, 0.82], ddof=1):.1f} | 40.0 | 60.0 |"
     assert summary.average("lora") == pytest.approx(60.0) and summary.average("c3a") is None
+    validation = lines[lines.index("## t: validation (best epoch)") :]
+    assert validation[5] == f"| lora | 0.001M | 3 MiB | 40.0 ± {50 * np.std([0.78, 0.82], ddof=1):.1f} | 20.0 | 30.0 |"
     assert (tmp_path / "summary.png").stat().st_size > 1000
     assert not math.isnan(summary.scores["lora"]["SST-2"][0])

@@ -25,9 +25,9 @@ class Cell:
     results: dict
 
 
-def score(results: dict) -> float:
-    """The main test metric, ×100 as papers print it."""
-    return 100 * results["test"][results["main_metric"]]
+def score(results: dict, split: str = "test") -> float:
+    """The main metric on ``split`` ("test", or "validation": its best epoch), ×100 as papers print it."""
+    return 100 * results[split][results["main_metric"]]
 
 
 def _bytes(n: float) -> str:
@@ -54,6 +54,7 @@ class Summary:
     metrics: dict[str, str]  # column → its main metric
     rows: list[str]
     columns: list[str]
+    split: str
 
     def average(self, row: str) -> Optional[float]:
         """Mean over columns of the per-column means; None unless every column has a score."""
@@ -62,7 +63,9 @@ class Summary:
         return float(np.mean([np.mean(self.scores[row][c]) for c in self.columns]))
 
 
-def summarize(cells: list[Cell], rows: Optional[list[str]] = None, columns: Optional[list[str]] = None) -> Summary:
+def summarize(
+    cells: list[Cell], rows: Optional[list[str]] = None, columns: Optional[list[str]] = None, split: str = "test"
+) -> Summary:
     rows = [r for r in (rows or dict.fromkeys(c.row for c in cells)) if any(c.row == r for c in cells)]
     columns = columns or list(dict.fromkeys(c.column for c in cells))
     scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -71,12 +74,12 @@ def summarize(cells: list[Cell], rows: Optional[list[str]] = None, columns: Opti
     metrics: dict[str, str] = {}
     for cell in cells:
         r = cell.results
-        scores[cell.row][cell.column].append(score(r))
+        scores[cell.row][cell.column].append(score(r, split))
         params[cell.row].add(int(r["trainable_params"]))
         if cell.row not in memory or r["peak_memory_bytes"] > memory[cell.row][0]:
             memory[cell.row] = (r["peak_memory_bytes"], r["memory_kind"])
         metrics[cell.column] = r["main_metric"]
-    return Summary(scores, params, memory, metrics, rows, columns)
+    return Summary(scores, params, memory, metrics, rows, columns, split)
 
 
 def markdown_table(summary: Summary, title: Optional[str] = None) -> str:
@@ -102,7 +105,8 @@ def markdown_table(summary: Summary, title: Optional[str] = None) -> str:
     seeds = "/".join(str(n) for n in sorted(runs - {0}))
     lines += [
         "",
-        f"Test scores ×100 at the epoch with the best validation score; mean ± sample std over {seeds} run(s) per cell. "
+        ("Test scores ×100 at the epoch with the best validation score" if s.split == "test" else f"Best {s.split} scores ×100")
+        + f"; mean ± sample std over {seeds} run(s) per cell. "
         "Avg. = mean of the column means. # Params: trainable parameters without the task head. "
         "Memory: the highest over the row's runs; "
         + "; ".join(f"{k} = {MEMORY_KINDS.get(k, k)}" for k in sorted(kinds))
@@ -129,7 +133,7 @@ def bar_chart(summary: Summary, path: str, title: Optional[str] = None) -> None:
         errors = [np.std(v, ddof=1) if len(v) > 1 else 0 for v in values]
         bars.bar(x + (i - (len(s.rows) - 1) / 2) * width, means, width, yerr=errors, capsize=2, label=row)
     bars.set_xticks(x, [f"{c}\n({s.metrics.get(c, '?')})" for c in s.columns])
-    bars.set_ylabel("test score ×100")
+    bars.set_ylabel(f"{s.split} score ×100")
     bars.legend(fontsize=8, ncol=2)
     for row in s.rows:
         average = s.average(row)
@@ -148,8 +152,11 @@ def bar_chart(summary: Summary, path: str, title: Optional[str] = None) -> None:
 
 
 def write_report(cells: list[Cell], out: str, rows=None, columns=None, title: Optional[str] = None) -> Summary:
-    """``out/table.md`` and ``out/summary.png`` for ``cells``."""
+    """``out/table.md`` (test scores, then the validation scores that chose the epochs — and should choose
+    hyperparameters) and ``out/summary.png`` (test) for ``cells``."""
     summary = summarize(cells, rows, columns)
-    atomic_write_text(os.path.join(out, "table.md"), markdown_table(summary, title))
+    validation = summarize(cells, rows, columns, split="validation")
+    tables = [markdown_table(summary, title), markdown_table(validation, f"{title or 'Results'}: validation (best epoch)")]
+    atomic_write_text(os.path.join(out, "table.md"), "\n".join(tables))
     bar_chart(summary, os.path.join(out, "summary.png"), title)
     return summary
