@@ -224,13 +224,20 @@ def test_fit_restores_the_best_epoch(tmp_path):
         model,
         data,
         data.select(range(4)),
-        config=TrainConfig(output_dir=str(tmp_path), lr=0.1, head_lr=0.01, epochs=3, batch_size=8,
+        config=TrainConfig(output_dir=str(tmp_path), lr=0.1, head_lr=0.01, weight_decay=1e-3, epochs=3, batch_size=8,
                            training_args={"use_cpu": True, "disable_tqdm": True}),  # fmt: skip
         head=["classifier"],
         metric="score",
         compute_metrics=lambda p: {"score": next(scripted)},
         callbacks=(snapshots,),
     )
+    head_ids = {id(p) for n, p in model.named_parameters() if "classifier" in n}
+    groups = result.trainer.optimizer.param_groups
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+    for group in groups:  # two learning rates: the head's and the method's
+        in_head = {id(p) in head_ids for p in group["params"]}
+        assert len(in_head) == 1 and group["initial_lr"] == (0.01 if in_head.pop() else 0.1)
+        assert group["weight_decay"] == (0.0 if all(p.dim() == 1 for p in group["params"]) else 1e-3)
     assert result.best["score"] == 0.9 and result.best["epoch"] == 2
     assert [h["validation"]["score"] for h in result.history] == [0.2, 0.9, 0.5]
     assert all("train_loss" in h for h in result.history)

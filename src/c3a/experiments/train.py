@@ -81,7 +81,7 @@ class _Trainer(Trainer):
         super().__init__(*args, **kwargs)
 
     def create_optimizer(self, model=None):
-        """The Trainer's optimizer (``--optim``, AdamW by default) with the head on its own learning rate."""
+        """The Trainer's optimizer (``TrainingArguments.optim``, AdamW by default), the head on its own learning rate."""
         if self.optimizer is None:
             model = self.model if model is None else model
             decay = set(self.get_decay_parameter_names(model))
