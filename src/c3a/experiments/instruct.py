@@ -185,7 +185,8 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_t
     from tqdm.auto import tqdm
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch: less padding
-    if accelerator is not None and accelerator.num_processes > 1:
+    shared = accelerator is not None and accelerator.num_processes > 1
+    if shared:
         with accelerator.split_between_processes(order) as share:
             mine = list(share)
     else:
@@ -194,8 +195,7 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_t
     device = next(model.parameters()).device
     model.eval()
     texts = []
-    main = accelerator is None or accelerator.is_main_process
-    for start in tqdm(range(0, len(mine), batch_size), desc="generating", disable=not main):
+    for start in tqdm(range(0, len(mine), batch_size), desc="generating", disable=shared and not accelerator.is_main_process):
         batch = tokenizer([prompts[i] for i in mine[start : start + batch_size]], return_tensors="pt", padding=True).to(device)
         with torch.no_grad():
             output = model.generate(
@@ -203,9 +203,7 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_t
             )
         texts += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     pairs = list(zip(mine, texts))
-    if accelerator is not None and accelerator.num_processes > 1:
-        pairs = gather_object(pairs)
-    result = dict(pairs)
+    result = dict(gather_object(pairs) if shared else pairs)
     return [result[i] for i in range(len(prompts))]
 
 

@@ -40,7 +40,7 @@ def find_columns(raw, image_column: Optional[str] = None, label_column: Optional
     a label column of plain values (strings, integers) becomes a ``ClassLabel`` shared by all splits."""
     from datasets import ClassLabel, Image
 
-    features = raw["train"].features
+    features = next(iter(raw.values())).features  # the same in every split
     image_column = image_column or next((n for n, f in features.items() if isinstance(f, Image)), None)
     label_column = label_column or next((n for n, f in features.items() if isinstance(f, ClassLabel)), None)
     for kind, column in (("image", image_column), ("label", label_column)):
