@@ -134,20 +134,21 @@ def bar_chart(summary: Summary, path: str, title: Optional[str] = None) -> None:
         bars.bar(x + (i - (len(s.rows) - 1) / 2) * width, means, width, yerr=errors, capsize=2, label=row)
     bars.set_xticks(x, [f"{c}\n({s.metrics.get(c, '?')})" for c in s.columns])
     bars.set_ylabel(f"{s.split} score ×100")
-    bars.legend(fontsize=8, ncol=2)
+    bars.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     for row in s.rows:
         average = s.average(row)
         if average is not None:
-            scatter.scatter(max(s.params[row]), average)
-            scatter.annotate(row, (max(s.params[row]), average), fontsize=8, xytext=(3, 3), textcoords="offset points")
-    scatter.set_xscale("symlog", linthresh=1e3)
-    scatter.set_xlabel("trainable parameters (head excluded)")
+            x = max(max(s.params[row]), 1)  # log axis: the head-only row (0) is drawn at 1
+            scatter.scatter(x, average)
+            scatter.annotate(row, (x, average), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    scatter.set_xscale("log")
+    scatter.set_xlabel("trainable parameters, head excluded (0 drawn at 1)")
     scatter.set_ylabel("average score")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
