@@ -2,6 +2,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
+# Tests use tiny tensors: extra threads only add synchronisation, which is very slow on a busy machine.
+torch.set_num_threads(1)
+
 
 @pytest.fixture
 def tiny_bert():
