@@ -297,7 +297,11 @@ def plot(result: dict, path: str) -> None:
     colors = ["tab:red" if "c3a" in m["method"] else "tab:gray" for m in methods]
     axes[0].barh(labels, [m["median_ms"] for m in methods], color=colors,
                  xerr=[[m["median_ms"] - m["p25_ms"] for m in methods], [m["p75_ms"] - m["median_ms"] for m in methods]])
-    axes[0].set_xlabel("training step (ms, median, IQR)")
+    for i, m in enumerate(methods):
+        if "ratio_to_lora" in m:
+            axes[0].annotate(f"×{m['ratio_to_lora']:.2f}", (m["median_ms"], i), xytext=(4, -10),
+                             textcoords="offset points", fontsize=8)
+    axes[0].set_xlabel("training step (ms, median and IQR; × LoRA, paired)")
     axes[0].invert_yaxis()
     axes[1].barh(labels, [m["peak_memory_bytes"] / 2**30 for m in methods], color=colors)
     axes[1].set_xlabel(f"peak memory (GiB, {result['memory_kind']})")
