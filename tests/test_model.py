@@ -424,3 +424,19 @@ def test_both_layer_paths_exact(monkeypatch, fold_ratio, base_cls):
     torch.testing.assert_close(layer(x), nn.functional.linear(x, dense, base.bias))
     params = (x, layer.c3a_kernel["a"], layer.c3a_kernel["b"], layer.base_layer.bias)
     assert torch.autograd.gradcheck(lambda x, *_: layer(x), params)
+
+
+def test_autocast_uses_the_fft_path():
+    """Under bf16 autocast the delta is not folded into a weight that autocast would round to bf16."""
+    torch.manual_seed(0)
+    layer = C3ALinear(nn.Linear(256, 256))
+    layer.add_adapter("a", 64, "gaussian")
+    layer.active_adapters = ["a"]
+    x = torch.randn(512, 256)  # enough tokens that fp32 folds
+    assert layer._fold_into_weight(x)
+    expected = layer.base_layer(x) + x @ (circulant_matrix(layer.c3a_kernel["a"].detach()) / 256).T
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer._fold_into_weight(x)
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - expected).norm() < 1e-2 * expected.norm()

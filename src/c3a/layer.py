@@ -144,12 +144,14 @@ class C3ALinear(nn.Module):
         """Fold the delta into the base GEMM when that is cheaper than the FFTs, and exact enough.
 
         Folding costs ``d_in·d_out`` per call, the FFT path ``~tokens·(d_in + d_out)``; half-precision
-        weights would round the small delta away, and hooked base layers (offloading, quantisation)
-        must run their own forward.
+        weights (or autocast) would round the small delta away, and hooked base layers (offloading,
+        quantisation) must run their own forward.
         """
         base = self.base_layer
         weight = base.weight
         if weight.dtype not in (torch.float32, torch.float64) or x.dtype != weight.dtype:
+            return False
+        if torch.is_autocast_enabled(x.device.type):  # autocast would run the folded GEMM in half precision
             return False
         if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
             return False
