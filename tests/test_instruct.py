@@ -287,3 +287,10 @@ def test_sft_two_processes_share_generation(tiny_llama, tmp_path):
     test = make_splits(raw, FORMATS["gsm8k"], seed=0, eval_samples=5)["test"]
     assert [p["prompt"] for p in predictions] == [FORMATS["gsm8k"].prompt(row) for row in test]
     assert json.loads((tmp_path / "results.json").read_text())["test"]["n"] == 5
+
+
+def test_sft_methods_with_nothing_to_train_stop_clearly(tiny_llama, tmp_path):
+    with pytest.raises(ValueError, match="no trainable parameter"):  # Llama has no biases
+        _sft(tiny_llama, tmp_path, "--method", "bitfit")
+    with pytest.raises(ValueError, match="head modules"):  # the LM head is not a new task head
+        _sft(tiny_llama, tmp_path, "--method", "head")

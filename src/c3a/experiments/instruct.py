@@ -277,7 +277,7 @@ def run_sft(args: argparse.Namespace) -> int:
     from transformers import DataCollatorForSeq2Seq, set_seed
 
     from c3a.experiments.methods import build_method, trainable_parameters
-    from c3a.experiments.train import fit, method_options, resolve_model, train_config, write_results
+    from c3a.experiments.train import end_distributed, fit, method_options, resolve_model, train_config, write_results
 
     fmt = FORMATS[args.format]
     out = args.out or os.path.join("c3a-sft", args.format, args.method, f"seed{args.seed}")
@@ -288,6 +288,8 @@ def run_sft(args: argparse.Namespace) -> int:
     )
     tokenizer, model = _load_model(resolve_model(args.model), args.bf16)
     model = build_method(model, args.method, method_options(args, head=[]))  # the LM head is pretrained: no task head
+    if trainable_parameters(model) == 0:  # e.g. bitfit on a model without biases (Llama)
+        raise ValueError(f"method {args.method!r} leaves no trainable parameter in {args.model}")
     tokenizer.padding_side = "right"
     data = {name: tokenize(splits[name], tokenizer, fmt, args.max_length) for name in ("train", "validation")}
 
@@ -311,41 +313,42 @@ def run_sft(args: argparse.Namespace) -> int:
     )
 
     model.config.use_cache = True
+    accelerator = result.trainer.accelerator
     start = time.perf_counter()
     test = splits["test"]
     prompts = [fmt.prompt(row) for row in test]
     predictions = generate(
-        model, tokenizer, prompts, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, accelerator=result.trainer.accelerator
+        model, tokenizer, prompts, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, accelerator=accelerator
     )
     metrics, records = score(fmt, test, predictions)
     eval_seconds = time.perf_counter() - start
-    if not result.trainer.is_world_process_zero():
-        return 0
-    write_predictions(os.path.join(out, "predictions.jsonl"), records)
-    results = {
-        "task": args.format,
-        "data": args.data,
-        "eval_data": args.eval_data,
-        "method": args.method,
-        "model": args.model,
-        "seed": args.seed,
-        "main_metric": "accuracy",
-        "trainable_params": trainable_parameters(model),
-        "validation": result.best,
-        "test": metrics,
-        "peak_memory_bytes": result.peak_memory_bytes,
-        "memory_kind": result.memory_kind,
-        "train_seconds": result.train_seconds,
-        "eval_seconds": eval_seconds,
-        "samples": {"train": len(data["train"]), "validation": len(data["validation"]), "test": len(test)},
-        "history": result.history,
-        "config": {**{k: v for k, v in vars(args).items() if k != "command"}, "lr": config.lr, "weight_decay": config.weight_decay, "out": out},
-    }
-    write_results(os.path.join(out, "results.json"), results)
-    print(
-        f"{args.format} {args.method} seed {args.seed}: validation loss {result.best['loss']:.4f}, "
-        f"test accuracy {metrics['accuracy']:.4f} on {metrics['n']} -> {out}/results.json, {out}/predictions.jsonl"
-    )
+    if result.trainer.is_world_process_zero():
+        write_predictions(os.path.join(out, "predictions.jsonl"), records)
+        results = {
+            "task": args.format,
+            "data": args.data,
+            "eval_data": args.eval_data,
+            "method": args.method,
+            "model": args.model,
+            "seed": args.seed,
+            "main_metric": "accuracy",
+            "trainable_params": trainable_parameters(model),
+            "validation": result.best,
+            "test": metrics,
+            "peak_memory_bytes": result.peak_memory_bytes,
+            "memory_kind": result.memory_kind,
+            "train_seconds": result.train_seconds,
+            "eval_seconds": eval_seconds,
+            "samples": {"train": len(data["train"]), "validation": len(data["validation"]), "test": len(test)},
+            "history": result.history,
+            "config": {**{k: v for k, v in vars(args).items() if k != "command"}, "lr": config.lr, "weight_decay": config.weight_decay, "out": out},
+        }
+        write_results(os.path.join(out, "results.json"), results)
+        print(
+            f"{args.format} {args.method} seed {args.seed}: validation loss {result.best['loss']:.4f}, "
+            f"test accuracy {metrics['accuracy']:.4f} on {metrics['n']} -> {out}/results.json, {out}/predictions.jsonl"
+        )
+    end_distributed(result.trainer)
     return 0
 
 

@@ -243,6 +243,18 @@ def evaluate(trainer: Trainer, dataset, prefix: str = "test") -> dict[str, float
     return _strip(trainer.evaluate(dataset, metric_key_prefix=prefix), f"{prefix}_")
 
 
+def end_distributed(trainer: Trainer) -> None:
+    """Leave a (possibly) distributed run cleanly; call on every rank once its last collective is done.
+
+    Gloo (PyTorch's CPU backend) can hang when its process group dies inside the DDP reducer's destructor (the
+    GIL held while joining threads that need it) and abort when it dies at interpreter exit. So: release the DDP
+    wrapper while the group lives on, meet the other ranks, destroy the group. A no-op in a single process."""
+    trainer.model_wrapped = trainer.model
+    trainer.accelerator.free_memory()
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()  # destroys the process group
+
+
 def write_results(path: str, results: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(results, indent=2, default=str) + "\n")
 
