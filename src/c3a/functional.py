@@ -134,24 +134,30 @@ class _BlockCirculantLinear(torch.autograd.Function):
 
     The dense delta costs ``d_out·d_in`` to build, independent of the number of tokens, and the GEMM is
     the one the frozen layer runs anyway; the kernel gradient never forms the ``d_out×d_in`` weight
-    gradient. Saved for backward: ``x``, the weight and the kernels (no new activations).
+    gradient. Saved for backward: ``x``, the weight, the kernels, and the folded weight when it is no larger
+    than ``x``.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, *kernels):
-        ctx.save_for_backward(x, weight, *kernels)
+        effective = _effective_weight(weight, kernels)
+        # Keep the folded weight for backward when it is no larger than the input activation (saves
+        # rebuilding it); for wide layers and few tokens rebuild it instead, so memory stays lean.
+        keep = weight.shape[0] * x.shape[-1] <= x.numel()
+        ctx.save_for_backward(x, weight, effective if keep else None, *kernels)
         ctx.has_bias = bias is not None
-        return torch.nn.functional.linear(x, _effective_weight(weight, kernels), bias)
+        return torch.nn.functional.linear(x, effective, bias)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        x, weight, *kernels = ctx.saved_tensors
+        x, weight, effective, *kernels = ctx.saved_tensors
         needs = ctx.needs_input_grad
         g2 = grad_y.reshape(-1, grad_y.shape[-1])
         grad_x = grad_w = grad_b = None
         if needs[0]:
-            grad_x = (g2 @ _effective_weight(weight, kernels)).view(x.shape)
+            effective = _effective_weight(weight, kernels) if effective is None else effective
+            grad_x = (g2 @ effective).view(x.shape)
         if needs[1]:
             grad_w = g2.T @ x.reshape(-1, x.shape[-1])
         if ctx.has_bias and needs[2]:
