@@ -202,7 +202,7 @@ def _load_model(name: str, num_labels: int):
 def run_glue(args: argparse.Namespace) -> int:
     from transformers import DataCollatorWithPadding, set_seed
 
-    from c3a.experiments.train import evaluate, fit, head_modules, method_options, resolve_model, train_config, write_results
+    from c3a.experiments.train import end_distributed, evaluate, fit, head_modules, method_options, resolve_model, train_config, write_results
 
     task = TASKS[args.task]
     out = args.out or os.path.join("c3a-glue", args.task, args.method, f"seed{args.seed}")
@@ -228,6 +228,7 @@ def run_glue(args: argparse.Namespace) -> int:
         data_collator=DataCollatorWithPadding(tokenizer),
     )
     test = evaluate(result.trainer, data["test"])
+    end_distributed(result.trainer)  # the last collective is done: leave cleanly on every rank
     if not result.trainer.is_world_process_zero():
         return 0
     settings = {k: v for k, v in vars(args).items() if k != "command"}
