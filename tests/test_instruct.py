@@ -234,7 +234,7 @@ def _sft(root, out, *extra):
 def test_sft_learns_the_answer_format(tiny_llama, tmp_path):
     """Full fine-tuning learns to answer `#### 7` and stop (EOS): masking, generation and scoring agree."""
     results, predictions = _sft(tiny_llama, tmp_path, "--method", "full", "--lr", "1e-2", "--epochs", "6", "--max-new-tokens", "24")
-    assert results["test"] == {"accuracy": 1.0, "n": 6}
+    assert results["test"] == results["eval"] == {"accuracy": 1.0, "n": 6}
     assert len(predictions) == 6 and all(p["correct"] and p["answer"] == "7" for p in predictions)
     assert all(p["prediction"] == "#### 7" for p in predictions)  # stopped at EOS, well before 24 tokens
     assert results["samples"] == {"train": 40, "validation": 2, "test": 6}
