@@ -202,7 +202,9 @@ def _load_model(name: str, num_labels: int):
 def run_glue(args: argparse.Namespace) -> int:
     from transformers import DataCollatorWithPadding, set_seed
 
-    from c3a.experiments.train import end_distributed, evaluate, fit, head_modules, method_options, resolve_model, train_config, write_results
+    from c3a.experiments.train import (
+        end_distributed, evaluate, fit, head_modules, method_options, resolve_model, results_record, train_config, write_results,
+    )
 
     task = TASKS[args.task]
     out = args.out or os.path.join("c3a-glue", args.task, args.method, f"seed{args.seed}")
@@ -231,24 +233,11 @@ def run_glue(args: argparse.Namespace) -> int:
     end_distributed(result.trainer)  # the last collective is done: leave cleanly on every rank
     if not result.trainer.is_world_process_zero():
         return 0
-    settings = {k: v for k, v in vars(args).items() if k != "command"}
-    settings.update(lr=config.lr, head_lr=config.head_lr, weight_decay=config.weight_decay, head=head, out=out)
-    results = {
-        "task": args.task,
-        "method": args.method,
-        "model": args.model,
-        "seed": args.seed,
-        "main_metric": task.metrics[0],
-        "trainable_params": trainable_parameters(model, head),
-        "validation": result.best,
-        "test": test,
-        "peak_memory_bytes": result.peak_memory_bytes,
-        "memory_kind": result.memory_kind,
-        "train_seconds": result.train_seconds,
-        "samples": {name: len(split) for name, split in data.items()},
-        "history": result.history,
-        "config": settings,
-    }
+    results = results_record(
+        args, result, task=args.task, main_metric=task.metrics[0], trainable_params=trainable_parameters(model, head),
+        test=test, samples={name: len(split) for name, split in data.items()},
+        config=dict(lr=config.lr, head_lr=config.head_lr, weight_decay=config.weight_decay, head=head, out=out),
+    )
     write_results(os.path.join(out, "results.json"), results)
     metric = task.metrics[0]
     print(

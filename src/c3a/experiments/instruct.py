@@ -277,7 +277,9 @@ def run_sft(args: argparse.Namespace) -> int:
     from transformers import DataCollatorForSeq2Seq, set_seed
 
     from c3a.experiments.methods import build_method, trainable_parameters
-    from c3a.experiments.train import end_distributed, fit, method_options, resolve_model, train_config, write_results
+    from c3a.experiments.train import (
+        end_distributed, fit, method_options, resolve_model, results_record, train_config, write_results,
+    )
 
     fmt = FORMATS[args.format]
     out = args.out or os.path.join("c3a-sft", args.format, args.method, f"seed{args.seed}")
@@ -324,26 +326,14 @@ def run_sft(args: argparse.Namespace) -> int:
     eval_seconds = time.perf_counter() - start
     if result.trainer.is_world_process_zero():
         write_predictions(os.path.join(out, "predictions.jsonl"), records)
-        results = {
-            "task": args.format,
-            "data": args.data,
-            "eval_data": args.eval_data,
-            "method": args.method,
-            "model": args.model,
-            "seed": args.seed,
-            "main_metric": "accuracy",
-            "trainable_params": trainable_parameters(model),
-            "validation": result.best,
-            "eval": metrics,  # generation accuracy on the held-out split, as the schema names it
-            "test": metrics,  # the same, under the key the shared report reads for every experiment
-            "peak_memory_bytes": result.peak_memory_bytes,
-            "memory_kind": result.memory_kind,
-            "train_seconds": result.train_seconds,
-            "eval_seconds": eval_seconds,
-            "samples": {"train": len(data["train"]), "validation": len(data["validation"]), "test": len(test)},
-            "history": result.history,
-            "config": {**{k: v for k, v in vars(args).items() if k != "command"}, "lr": config.lr, "weight_decay": config.weight_decay, "out": out},
-        }
+        results = results_record(
+            args, result, task=args.format, main_metric="accuracy", trainable_params=trainable_parameters(model),
+            test=metrics,  # generation accuracy on the held-out split, under the key the shared report reads
+            samples={"train": len(data["train"]), "validation": len(data["validation"]), "test": len(test)},
+            config=dict(lr=config.lr, weight_decay=config.weight_decay, out=out),
+            eval=metrics,  # the same, as the schema names it
+            data=args.data, eval_data=args.eval_data, eval_seconds=eval_seconds,
+        )
         write_results(os.path.join(out, "results.json"), results)
         print(
             f"{args.format} {args.method} seed {args.seed}: validation loss {result.best['loss']:.4f}, "

@@ -255,6 +255,18 @@ def end_distributed(trainer: Trainer) -> None:
     trainer.accelerator.end_training()  # destroys the process group
 
 
+def results_record(args, result: FitResult, *, task: str, main_metric: str, trainable_params: int, test: dict,
+                   samples: dict[str, int], config: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The one ``results.json`` schema of every experiment (what :mod:`c3a.experiments.report` reads)."""
+    return {
+        "task": task, "method": args.method, "model": args.model, "seed": args.seed, "main_metric": main_metric,
+        "trainable_params": trainable_params, "validation": result.best, "test": test,
+        "peak_memory_bytes": result.peak_memory_bytes, "memory_kind": result.memory_kind,
+        "train_seconds": result.train_seconds, "samples": samples, "history": result.history, **extra,
+        "config": {**{k: v for k, v in vars(args).items() if k != "command"}, **config},
+    }
+
+
 def write_results(path: str, results: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(results, indent=2, default=str) + "\n")
 

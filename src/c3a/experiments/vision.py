@@ -114,7 +114,9 @@ def run_vit(args: argparse.Namespace) -> int:
     from transformers import AutoImageProcessor, AutoModelForImageClassification, set_seed
 
     from c3a.experiments.methods import build_method, trainable_parameters
-    from c3a.experiments.train import end_distributed, evaluate, fit, head_modules, method_options, resolve_model, train_config, write_results
+    from c3a.experiments.train import (
+        end_distributed, evaluate, fit, head_modules, method_options, resolve_model, results_record, train_config, write_results,
+    )
     from c3a.paper_models import query_value_targets
 
     name = args.dataset or os.path.basename(os.path.normpath(args.data_dir))
@@ -147,30 +149,11 @@ def run_vit(args: argparse.Namespace) -> int:
     )
     test = evaluate(result.trainer, data["test"])
     if result.trainer.is_world_process_zero():
-        results = {
-            "task": name,
-            "method": args.method,
-            "model": args.model,
-            "seed": args.seed,
-            "main_metric": "accuracy",
-            "trainable_params": trainable_parameters(model, head),
-            "validation": result.best,
-            "test": test,
-            "peak_memory_bytes": result.peak_memory_bytes,
-            "memory_kind": result.memory_kind,
-            "train_seconds": result.train_seconds,
-            "samples": {split: len(dataset) for split, dataset in splits.items()},
-            "classes": labels,
-            "history": result.history,
-            "config": {
-                **{k: v for k, v in vars(args).items() if k != "command"},
-                "lr": config.lr,
-                "head_lr": config.head_lr,
-                "weight_decay": config.weight_decay,
-                "head": head,
-                "out": out,
-            },
-        }
+        results = results_record(
+            args, result, task=name, main_metric="accuracy", trainable_params=trainable_parameters(model, head),
+            test=test, samples={split: len(dataset) for split, dataset in splits.items()}, classes=labels,
+            config=dict(lr=config.lr, head_lr=config.head_lr, weight_decay=config.weight_decay, head=head, out=out),
+        )
         write_results(os.path.join(out, "results.json"), results)
         print(
             f"{name} {args.method} seed {args.seed}: validation accuracy {result.best['accuracy']:.4f} "
