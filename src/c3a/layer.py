@@ -33,6 +33,16 @@ def common_divisors(a: int, b: int) -> list[int]:
     return [d for d in range(1, g + 1) if g % d == 0]
 
 
+def block_size_problem(block_size: int, in_features: int, out_features: int) -> Optional[str]:
+    """Why ``block_size`` cannot serve a layer of this shape, or ``None`` when it can."""
+    if block_size >= 1 and in_features % block_size == 0 and out_features % block_size == 0:
+        return None
+    return (
+        f"(in_features={in_features}, out_features={out_features}): block_size {block_size} does not divide "
+        f"both; valid block sizes: {common_divisors(in_features, out_features)}"
+    )
+
+
 def init_kernel_(kernel: torch.Tensor, init_weights: Any, in_features: int, out_features: int) -> None:
     with torch.no_grad():
         if init_weights is True or init_weights == "zeros":
@@ -70,16 +80,10 @@ class C3ALinear(nn.Module):
     def block_size(self, adapter: str) -> int:
         return self.c3a_kernel[adapter].shape[-1]
 
-    def check_block_size(self, block_size: int, name: str = "layer") -> None:
-        if block_size < 1 or self.in_features % block_size or self.out_features % block_size:
-            raise ValueError(
-                f"block_size {block_size} does not divide {name} (in_features={self.in_features}, "
-                f"out_features={self.out_features}); valid block sizes: "
-                f"{common_divisors(self.in_features, self.out_features)}"
-            )
-
     def add_adapter(self, adapter: str, block_size: int, init_weights: Any = "xavier_uniform") -> None:
-        self.check_block_size(block_size)
+        problem = block_size_problem(block_size, self.in_features, self.out_features)
+        if problem:
+            raise ValueError(f"layer {problem}")
         weight = self.base_layer.weight
         kernel = torch.empty(
             self.out_features // block_size,

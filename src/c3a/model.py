@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import CONFIG_NAME, C3AConfig
 from .io import atomic_path
-from .layer import C3ALinear, common_divisors, linear_features
+from .layer import C3ALinear, block_size_problem, linear_features
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -105,7 +105,7 @@ class C3AModel(nn.Module):
         """Match and validate every target first, so a bad config changes nothing."""
         if config.target_modules is None:
             config.target_modules = _default_targets(self.model)
-        matched, errors = [], []
+        matched = []
         for name, module in self.model.named_modules():
             if isinstance(module, C3ALinear):
                 is_target = _is_target(name, config)
@@ -120,19 +120,14 @@ class C3AModel(nn.Module):
             matched.append((name, module, _pattern_block_size(name, config) or config.block_size))
         if not matched:
             raise ValueError(f"target_modules {config.target_modules!r} match no module of the model")
-        if config.block_size == "auto" or "auto" in config.block_size_pattern.values():
+        if config.block_size == "auto":  # (config validation keeps "auto" out of block_size_pattern)
             from .analysis import choose_block_sizes
 
             shapes = {name: linear_features(_base(m)) for name, m, b in matched if b == "auto"}
             chosen = choose_block_sizes(shapes, budget=config.budget, lora_rank=config.lora_rank)
             matched = [(n, m, chosen[n].block_size if b == "auto" else b) for n, m, b in matched]
-        for name, module, b in matched:
-            d_in, d_out = linear_features(_base(module))
-            if b < 1 or d_in % b or d_out % b:
-                errors.append(
-                    f"{name} (in_features={d_in}, out_features={d_out}): block_size {b} does not divide "
-                    f"both; valid block sizes: {common_divisors(d_in, d_out)}"
-                )
+        errors = [f"{name} {problem}" for name, module, b in matched
+                  if (problem := block_size_problem(b, *linear_features(_base(module))))]
         if errors:
             raise ValueError("invalid block size for " + "; ".join(errors))
         return matched
