@@ -17,7 +17,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.fft import irfft, rfft
 
-__all__ = ["block_circular_conv", "block_circulant_linear", "circulant_matrix"]
+__all__ = ["add_block_circular_conv", "block_circular_conv", "block_circulant_linear", "circulant_matrix"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -96,6 +96,14 @@ def block_circular_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """
     _check(x, kernel)
     return _BlockCircularConv.apply(x, kernel)
+
+
+def add_block_circular_conv(result: torch.Tensor, x: torch.Tensor, kernels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``result + Σ_k block_circular_conv(x, k)`` in ``result``'s dtype: the adapters' deltas added to a frozen
+    layer's output ``result``. The one entry point of the layer's unfolded path."""
+    for kernel in kernels:
+        result = result + block_circular_conv(x, kernel).to(result.dtype)
+    return result
 
 
 def circulant_matrix(kernel: torch.Tensor) -> torch.Tensor:
