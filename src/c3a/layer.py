@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .functional import block_circulant_linear, block_circular_conv, circulant_matrix
+from .functional import add_block_circular_conv, block_circulant_linear, circulant_matrix
 
 # Fold the delta into the weight when tokens·(d_in + d_out)·FOLD_RATIO ≥ d_in·d_out (measured crossover,
 # see docs/performance.md).
@@ -139,10 +139,7 @@ class C3ALinear(nn.Module):
             weight = self.base_layer.weight
             weight = weight.T if isinstance(self.base_layer, Conv1D) else weight
             return block_circulant_linear(x, weight, self.base_layer.bias, kernels)
-        result = self.base_layer(x, *args, **kwargs)
-        for kernel in kernels:
-            result = result + block_circular_conv(x, kernel).to(result.dtype)
-        return result
+        return add_block_circular_conv(self.base_layer(x, *args, **kwargs), x, kernels)
 
     def _fold_into_weight(self, x: torch.Tensor) -> bool:
         """Fold the delta into the base GEMM when that is cheaper than the FFTs, and exact enough.
