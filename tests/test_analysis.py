@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel, LlamaConfig, LlamaModel, RobertaConfig, RobertaForSequenceClassification
 
 from c3a import C3AConfig, circulant_matrix, get_c3a_model
+from c3a.layer import c3a_layers
 from c3a.analysis import (
     adapter_ranks,
     choose_block_sizes,
@@ -98,7 +99,7 @@ def test_rank_command_on_rank_deficient_adapter(tmp_path):
     ranks = [1, 2, 0, 1, 3]  # 4×4 blocks at b=8: rank 1 + 2·(2+0+1) + 3 = 10 of 32
     expected = {}
     with torch.no_grad():
-        for i, (name, layer) in enumerate(model.c3a_layers()):
+        for i, (name, layer) in enumerate(c3a_layers(model)):
             if i == 0:
                 layer.c3a_kernel["default"].copy_(_low_rank_kernel(4, 4, 8, ranks))
             k = layer.c3a_kernel["default"]
@@ -115,7 +116,7 @@ def test_rank_command_on_rank_deficient_adapter(tmp_path):
     assert "no (max 32)" in table and "3 of 4 layers" in table
     # Singular values reported are those of the actual delta C/d_in.
     layer = adapter_ranks(model)[0]
-    dense = model.model.get_submodule(layer.name).delta_weight("default").double()
+    dense = model.model.get_submodule(layer.name).get_delta_weight("default").double()
     torch.testing.assert_close(layer.singular_values, torch.linalg.svdvals(dense), rtol=1e-5, atol=1e-9)
 
 
@@ -220,9 +221,9 @@ def test_export_lora_of_gpt2_conv1d_layers(tiny_gpt2, token_ids, tmp_path):
 def test_export_lora_error_decreases_to_exact(tmp_path):
     model = get_c3a_model(_tiny_roberta(), C3AConfig(block_size=4, target_modules=["value"]))
     with torch.no_grad():
-        layer = dict(model.c3a_layers())["roberta.encoder.layer.1.attention.self.value"]
+        layer = dict(c3a_layers(model))["roberta.encoder.layer.1.attention.self.value"]
         layer.c3a_kernel["default"].copy_(_low_rank_kernel(8, 8, 4, [2, 1, 3]))  # rank 2 + 2·1 + 3 = 7
-    dense = layer.delta_weight("default").detach().double()
+    dense = layer.get_delta_weight("default").detach().double()
     s = torch.linalg.svdvals(dense)
     previous = float("inf")
     for r in (1, 2, 4, 6, 7, 9):
@@ -281,7 +282,7 @@ def test_auto_block_size_model_saves_concrete_ints_that_peft_loads(tmp_path):
         f"layers.{i}.self_attn.{p}": b for i in range(2) for p, b in (("q_proj", 12), ("v_proj", 8))}
     model = get_c3a_model(base, C3AConfig(block_size="auto", lora_rank=2, target_modules=["q_proj", "v_proj"],
                                           init_weights="gaussian"))
-    assert {name: layer.block_size("default") for name, layer in model.c3a_layers()} == {
+    assert {name: layer.block_size["default"] for name, layer in c3a_layers(model)} == {
         f"layers.{i}.self_attn.{p}": b for i in range(2) for p, b in (("q_proj", 12), ("v_proj", 8))}
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())

@@ -34,14 +34,20 @@ def test_ddp_kernel_gradients_are_synchronised_and_match_one_process(tmp_path):
     assert one["world_size"] == 1 and ranks[0]["world_size"] == 2
     kernels = [n for n in one["trained"] if "c3a_kernel" in n]
     assert len(kernels) == 4 and len(one["gradients"]) == 3  # query+value of 2 layers; 3 optimizer steps
+    # What DDP guarantees: every rank applies the same all-reduced gradient, equal to one process's gradient on
+    # the global batch up to float summation order. First-order bound: each gradient entry sums 48 token terms
+    # through ~10 chained ops of width <= 64, so reordering moves it by at most ~eps·(48 + 10·64) ≈ 8e-5 of the
+    # largest entry (fp32 eps 1.2e-7) when all errors align; 1e-3 is above that, while a wrong reduction (a sum
+    # instead of a mean, a missing rank) is off by 50 % or more. The trained weights are not compared with the
+    # single process: Adam divides by sqrt(v), so entries whose gradient is near zero turn reduction noise into
+    # O(lr) differences that say nothing about DDP.
     for step, expected in enumerate(one["gradients"]):
         for name, g in expected.items():
-            # all-reduced: every rank applies the same gradient, the mean over the global batch
             assert torch.equal(ranks[0]["gradients"][step][name], ranks[1]["gradients"][step][name]), (step, name)
             err = (ranks[0]["gradients"][step][name] - g).abs().max()
             assert err <= 1e-3 * g.abs().max(), (step, name, err.item(), g.abs().max().item())
     for name, p in one["trained"].items():
         assert torch.equal(ranks[0]["trained"][name], ranks[1]["trained"][name]), name
-        torch.testing.assert_close(ranks[0]["trained"][name], p, rtol=0, atol=2e-6)
-    for name in kernels:  # the kernels did train: the comparison above is not between untouched tensors
+    for name in kernels:  # the kernels did train in both runs: the comparisons above are not between untouched tensors
         assert (one["trained"][name] - one["initial"][name]).abs().max() > 0.05
+        assert (ranks[0]["trained"][name] - ranks[0]["initial"][name]).abs().max() > 0.05

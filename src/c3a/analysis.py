@@ -23,10 +23,14 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 import torch
 from torch import nn
 
-from .config import CONFIG_NAME, C3AConfig
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, load_peft_weights
+
+from .config import C3AConfig
 from .io import atomic_path, atomic_write_text
-from .layer import C3ALinear, common_divisors, linear_features
-from .model import PREFIX, WEIGHTS_NAME, C3AModel, _default_targets, _is_target, _load_weights, _resolve
+from .layer import c3a_layers, common_divisors, linear_features
+
+PREFIX = "base_model.model."  # PEFT's key prefix in adapter files
 
 KERNEL_SUFFIX = ".c3a_kernel"
 DEFAULT_LORA_RANK = 8  # block_size="auto" with no budget matches LoRA r=8, the paper's usual baseline
@@ -91,17 +95,20 @@ def delta_rank(kernel: torch.Tensor) -> int:
 def load_adapter(source: Any, adapter_name: str = "default") -> tuple[dict, dict[str, torch.Tensor]]:
     """``(adapter config as a dict, state dict with PEFT's key names)`` of a C³A adapter.
 
-    ``source`` is a :class:`~c3a.C3AModel` (its adapter ``adapter_name``), a folder written by
-    ``C3AModel.save_pretrained`` or PEFT (a non-default adapter's sub-folder may be passed directly), or a hub id.
+    ``source`` is a ``peft.PeftModel`` with C³A adapters (its adapter ``adapter_name``), a folder written by
+    ``save_pretrained`` (a non-default adapter's sub-folder may be passed directly), or a hub id.
     """
-    if isinstance(source, C3AModel):
-        if adapter_name not in source.peft_config:
-            raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(source.peft_config)}")
-        return source.peft_config[adapter_name].to_dict(), source.adapter_state_dict(adapter_name)
-    try:
-        path = _resolve(str(source))
-    except (OSError, ValueError) as e:  # not a folder here, and not fetchable as a hub id
-        raise FileNotFoundError(f"{source} is not an adapter folder, nor an adapter on the hub: {e}") from None
+    if isinstance(source, nn.Module):
+        from peft import get_peft_model_state_dict
+
+        configs = getattr(source, "peft_config", {})
+        if adapter_name not in configs:
+            raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(configs)}")
+        state = get_peft_model_state_dict(source, adapter_name=adapter_name)
+        if not state.keys() or next(iter(state)).startswith(PREFIX):  # a PeftModel; a bare tuned model lacks the prefix
+            return configs[adapter_name].to_dict(), state
+        return configs[adapter_name].to_dict(), {PREFIX + k: v for k, v in state.items()}
+    path = _adapter_folder(str(source))
     if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
         subs = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, CONFIG_NAME)))
         hint = f"; adapters in its sub-folders: {', '.join(subs)} (pass one of them)" if subs else ""
@@ -110,9 +117,23 @@ def load_adapter(source: Any, adapter_name: str = "default") -> tuple[dict, dict
         config = json.load(f)
     if config.get("peft_type", "C3A") != "C3A":
         raise ValueError(f"{path} is a {config['peft_type']} adapter, not C3A")
-    if not any(os.path.isfile(os.path.join(path, w)) for w in (WEIGHTS_NAME, "adapter_model.bin")):
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}")
-    return config, _load_weights(path)
+    if not any(os.path.isfile(os.path.join(path, w)) for w in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)):
+        raise FileNotFoundError(f"no {SAFETENSORS_WEIGHTS_NAME} in {path}")
+    return config, load_peft_weights(path, device="cpu")
+
+
+def _adapter_folder(source: str) -> str:
+    """``source`` as a local folder, fetching a hub id's adapter files."""
+    if os.path.isdir(source):
+        return source
+    if os.path.exists(source):
+        raise ValueError(f"{source} is a file; pass the adapter folder")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(source, allow_patterns=[CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME])
+    except Exception as e:  # not a folder here, and not fetchable as a hub id
+        raise FileNotFoundError(f"{source} is not an adapter folder, nor an adapter on the hub: {e}") from None
 
 
 def adapter_kernels(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -228,7 +249,7 @@ class LoraExport:
         from safetensors.torch import save_file
 
         os.makedirs(directory, exist_ok=True)
-        with atomic_path(os.path.join(directory, WEIGHTS_NAME)) as tmp:
+        with atomic_path(os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)) as tmp:
             save_file({k: v.contiguous() for k, v in self.state_dict.items()}, tmp, metadata={"format": "pt"})
         atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(self.config, indent=2, sort_keys=True))
 
@@ -334,13 +355,21 @@ def choose_block_sizes(
 def target_shapes(
     model: nn.Module, target_modules: Optional[Union[list[str], str]] = None
 ) -> dict[str, tuple[int, int]]:
-    """``{name: (d_in, d_out)}`` of the layers C³A would adapt (same matching as :class:`~c3a.C3AModel`)."""
-    config = C3AConfig(target_modules=target_modules if target_modules is not None else _default_targets(model))
+    """``{name: (d_in, d_out)}`` of the layers C³A would adapt (PEFT's matching; its default targets when ``None``)."""
+    if target_modules is None:
+        from peft.utils import TRANSFORMERS_MODELS_TO_C3A_TARGET_MODULES_MAPPING as defaults
+
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in defaults:
+            raise ValueError(f"no default target modules for model type {model_type!r}; name the layers to adapt")
+        target_modules = list(defaults[model_type])
+    config = C3AConfig(target_modules=target_modules)
     shapes = {}
+    inside_tuners = tuple(n + "." for n, m in model.named_modules() if isinstance(m, BaseTunerLayer))
     for name, module in model.named_modules():
-        if "base_layer" in name.split(".") or not _is_target(name, config):
+        if not name or name.startswith(inside_tuners) or not check_target_module_exists(config, name):
             continue
-        base = module.base_layer if isinstance(module, C3ALinear) else module
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
         try:
             shapes[name] = linear_features(base)
         except TypeError as e:
@@ -488,7 +517,7 @@ def count_parameters(
         counted = "counted on the model built on the meta device through c3a.experiments.methods"
     if method == "c3a":
         options["block_size"] = block_size
-        built = {name: layer.block_size("default") for name, layer in net.c3a_layers()}
+        built = {name: layer.block_size["default"] for name, layer in c3a_layers(net)}
         if block_size == "auto":
             options["lora_rank"] = rank
             choices = choose_block_sizes(shapes, lora_rank=rank)

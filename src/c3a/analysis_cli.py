@@ -23,7 +23,7 @@ def _number(x: float) -> str:
 
 
 def add_rank_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("adapter", help="adapter folder (C3AModel.save_pretrained or PEFT), or a hub id")
+    p.add_argument("adapter", help="adapter folder (written by save_pretrained), or a hub id")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--plot", metavar="FILE.png", help="also draw each layer's singular-value spectrum")
 

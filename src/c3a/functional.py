@@ -1,4 +1,4 @@
-"""The C³A operator: block-circular convolution with exact real-FFT autograd.
+"""The C³A operator: block-circular convolution with exact autograd, by real FFT or, in half precision, by GEMMs.
 
 Conventions (paper §3.2, same as PEFT's C3A): a kernel ``k`` of shape ``(m, n, b)`` describes the
 ``(m·b) × (n·b)`` block matrix whose block ``(i, j)`` is the circulant ``C(k[i, j])`` with first row
@@ -7,17 +7,43 @@ Conventions (paper §3.2, same as PEFT's C3A): a kernel ``k`` of shape ``(m, n, 
 So ``y = C x`` is a circular *cross-correlation*; with real FFTs over the last axis
 ``Y_i = Σ_j conj(K_ij) ∘ X_j``. The input gradient is the transpose, ``G_x,j = Σ_i K_ij ∘ G_i``
 (a convolution, no conjugate), and the kernel gradient is ``irfft(Σ_tokens conj(G_i) ∘ X_j)``.
+
+Two ways to compute it:
+
+- **FFT** (:func:`block_circular_conv`): ``rfft`` → one batched complex GEMM over frequencies → ``irfft``, in
+  fp32 (fp64 for fp64 inputs). Exact to the compute precision; memory-bound in half precision (fp32 copies,
+  complex spectra, layout copies).
+- **DFT as GEMM** (half precision, even ``b`` up to :data:`DFT_MAX_BLOCK`): the per-block real DFT is a dense
+  ``b×b`` real matrix, so the whole operator is three GEMMs with half-precision operands and fp32
+  accumulation, no layout copy, the inverse accumulated straight into the frozen layer's output.
+
+:func:`add_block_circular_conv` is the one entry point of the layer's unfolded path and picks between them.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Optional, Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
 from torch.fft import irfft, rfft
 
-__all__ = ["add_block_circular_conv", "block_circular_conv", "block_circulant_linear", "circulant_matrix"]
+__all__ = [
+    "DFT_MAX_BLOCK",
+    "add_block_circular_conv",
+    "block_circular_conv",
+    "block_circulant_linear",
+    "circulant_matrix",
+]
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+# Largest block size for which the DFT-as-GEMM path is used in half precision. Its transforms cost
+# 2·b FLOPs per input and output element (the FFT's ~5·log2(b), but memory-bound and in fp32); measured on a
+# 2-core x86-64 CPU (docs/performance.md) the GEMM path stops paying between b = 256 and b = 512.
+DFT_MAX_BLOCK = 256
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -25,7 +51,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _mix(spec: torch.Tensor, k_spec: torch.Tensor) -> torch.Tensor:
+def _mix_spectra(spec: torch.Tensor, k_spec: torch.Tensor) -> torch.Tensor:
     """Per-frequency matrix product: ``(T, p, F) x (F, p, q) -> (T, q, F)``.
 
     One batched complex GEMM over the ``F`` frequencies (BLAS), instead of an einsum over tokens.
@@ -45,18 +71,20 @@ def _check(x: torch.Tensor, kernel: torch.Tensor) -> None:
 
 class _BlockCircularConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, kernel: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         m, n, b = kernel.shape
         dtype = _compute_dtype(torch.promote_types(x.dtype, kernel.dtype))
-        k_spec = rfft(kernel.to(dtype), dim=-1)  # (m, n, F)
+        # 1/b of the inverse transform folded into the small kernel spectrum: irfft(norm="forward") then
+        # skips its separate scaling pass over the (tokens, d_out) output.
+        k_spec = rfft(kernel.to(dtype), dim=-1) / b  # (m, n, F)
         x_spec = rfft(x.reshape(-1, n, b).to(dtype), dim=-1)  # (T, n, F)
-        y_spec = _mix(x_spec, k_spec.conj().permute(2, 1, 0))  # (T, m, F)
-        y = irfft(y_spec, n=b, dim=-1)
+        y_spec = _mix_spectra(x_spec, k_spec.conj().permute(2, 1, 0))  # (T, m, F)
+        y = irfft(y_spec, n=b, dim=-1, norm="forward")
         # Only x (in its own dtype, usually shared with the frozen base layer) and the small kernel
         # spectrum are kept for backward: no fp32 or frequency-domain copy of the activation.
         ctx.save_for_backward(x, k_spec)
         ctx.kernel_dtype = kernel.dtype
-        return y.reshape(*x.shape[:-1], m * b).to(x.dtype)
+        return y.reshape(*x.shape[:-1], m * b).to(out_dtype)
 
     @staticmethod
     @once_differentiable
@@ -68,11 +96,11 @@ class _BlockCircularConv(torch.autograd.Function):
         g_spec = rfft(grad_y.reshape(-1, m, b).to(dtype), dim=-1)  # (T, m, F)
         grad_x = grad_k = None
         if ctx.needs_input_grad[0]:
-            gx_spec = _mix(g_spec, k_spec.permute(2, 0, 1))  # (T, n, F)
-            grad_x = irfft(gx_spec, n=b, dim=-1).reshape(x.shape).to(x.dtype)
+            gx_spec = _mix_spectra(g_spec, k_spec.permute(2, 0, 1))  # (T, n, F), k_spec carries the 1/b
+            grad_x = irfft(gx_spec, n=b, dim=-1, norm="forward").reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[1]:
             grad_k = _kernel_grad(x, g_spec, n, b).to(ctx.kernel_dtype)
-        return grad_x, grad_k
+        return grad_x, grad_k, None
 
 
 def _kernel_grad(x: torch.Tensor, g_spec: torch.Tensor, n: int, b: int) -> torch.Tensor:
@@ -95,15 +123,203 @@ def block_circular_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
         inputs are computed in fp32. Gradients for ``x`` and ``kernel`` are exact (real FFTs both ways).
     """
     _check(x, kernel)
-    return _BlockCircularConv.apply(x, kernel)
+    return _BlockCircularConv.apply(x, kernel, x.dtype)
 
 
-def add_block_circular_conv(result: torch.Tensor, x: torch.Tensor, kernels: Sequence[torch.Tensor]) -> torch.Tensor:
+# -- half precision: the real DFT as a GEMM ----------------------------------------------------------------------
+#
+# For even b the real spectrum of a block is b real numbers: Re X_s and Im X_s for the S = b/2 - 1 inner
+# frequencies, and the two real ones, DC and Nyquist, which share slot 0. With the transform matrix R below,
+# X̂ = R @ x_blockᵀ holds slot s in rows (2s, 2s+1). In slot s ≥ 1 the mixing Y_s = Σ_j conj(K_ij,s) X_j,s is,
+# with K = Kr + i·Ki and the blocks transposed (tokens are rows),
+#     Re Y = Re X · Krᵀ + Im X · Kiᵀ,        Im Y = Im X · Krᵀ − Re X · Kiᵀ;
+# in slot 0, DC and Nyquist are mixed by their own real blocks and do not interact. The inverse (irfft) is
+# R again, once its weights 1/b (DC, Nyquist) and 2/b (the others) are folded into the mixing blocks:
+#     y_c = Σ_s Re Y_s·(w_s cos θ) + Im Y_s·(−w_s sin θ),  θ = 2π s c / b.
+#
+# Layout: R @ x2ᵀ gives X̂ as (S, 2, T, n) — for each (slot, re/im) a contiguous (T, n) matrix, so the mixing
+# is batched GEMMs on views, and the mixed spectrum (S, 2, T, m) is read back by the inverse GEMM as a
+# transposed operand that lands directly in the (T, m·b) layout of the layer's output. No permute copy.
+
+
+@functools.lru_cache(maxsize=32)
+def _real_dft_matrix(b: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``R`` of shape ``(b, b)``: row ``2s`` is ``cos(2π s c / b)``, row ``2s+1`` is ``−sin(2π s c / b)``,
+    except slot 0, whose rows are DC (all ones) and Nyquist ``(−1)^c``. Built in float64, then cast once."""
+    s = torch.arange(b // 2, dtype=torch.int64)[:, None]
+    c = torch.arange(b, dtype=torch.int64)[None, :]
+    angle = (2 * math.pi / b) * ((s * c) % b).to(torch.float64)  # reduce s·c mod b first: exact angles
+    cos, sin = torch.cos(angle), -torch.sin(angle)
+    sin[0] = 1 - 2 * (c[0] % 2)  # Nyquist row shares slot 0 with DC
+    return torch.stack([cos, sin], dim=1).reshape(b, b).to(dtype=dtype, device=device)
+
+
+def _dft_mixing_blocks(kernel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-slot real mixing blocks of ``kernel`` ``(m, n, b)``, ``b`` even, built from ``rfft(kernel)``
+    with differentiable ops (autograd carries their gradient back to the kernel).
+
+    Returns ``w_diag`` ``(S, 2, n, m)`` — the blocks acting re→re ([:, 0]) and im→im ([:, 1]) — and ``w_im``
+    ``(S, n, m)``, the cross blocks (``+w_im`` im→re, ``−w_im`` re→im; zero in slot 0). The inverse DFT's
+    weights (1/b for DC and Nyquist, 2/b otherwise) are folded in.
+    """
+    b = kernel.shape[-1]
+    S = b // 2
+    spec = rfft(kernel, dim=-1).permute(2, 1, 0) * (2 / b)  # (S + 1, n, m): blocks transposed, frequency first
+    re, im = spec.real, spec.imag
+    dc, nyquist = re[:1] / 2, re[S:] / 2
+    w_diag = torch.stack([torch.cat([dc, re[1:S]]), torch.cat([nyquist, re[1:S]])], dim=1)
+    w_im = torch.cat([torch.zeros_like(dc), im[1:S]])
+    return w_diag, w_im
+
+
+def _to_slots(t2: torch.Tensor, dft: torch.Tensor, p: int) -> torch.Tensor:
+    """``(T, p·b)`` rows of blocks → their real spectra ``(S, 2, T, p)``: one GEMM ``R @ blocksᵀ``."""
+    b = dft.shape[0]
+    return torch.mm(dft, t2.reshape(-1, b).to(dft.dtype).T).view(b // 2, 2, -1, p)
+
+
+def _mix_slots(spec: torch.Tensor, w_diag: torch.Tensor, w_im: torch.Tensor) -> torch.Tensor:
+    """``(S, 2, T, p)`` spectra × per-slot real blocks → ``(S, 2, T, q)``: one batched GEMM for the diagonal
+    blocks, then the two cross terms accumulated in place (GEMM epilogue, beta = 1) on strided views."""
+    S, _, T, p = spec.shape
+    q = w_diag.shape[-1]
+    out = torch.bmm(spec.view(2 * S, T, p), w_diag.reshape(2 * S, p, q)).view(S, 2, T, q)
+    out[:, 0].baddbmm_(spec[:, 1], w_im)
+    out[:, 1].baddbmm_(spec[:, 0], w_im, alpha=-1)
+    return out
+
+
+def _from_slots(spec: torch.Tensor, dft: torch.Tensor) -> torch.Tensor:
+    """``(S, 2, T, q)`` spectra → ``(T·q, b)`` blocks, the inverse GEMM ``spec_(b, T·q)ᵀ @ R``."""
+    return spec.view(dft.shape[0], -1).T
+
+
+def _bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` batched, fp32 output: half-precision operands straight into an fp32 result where the backend
+    offers it (CUDA), else rounded once from the fp32 accumulator to the operands' dtype, then widened."""
+    if a.dtype in HALF_DTYPES and a.device.type == "cuda":
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # torch without out_dtype
+            pass
+    return torch.bmm(a, b).float()
+
+
+class _DftBlockCircularConv(torch.autograd.Function):
+    """``result + x @ C(kernel)ᵀ`` through the real DFT as GEMMs, in ``dtype`` (operands) with fp32 accumulation.
+
+    Saved for backward: ``x`` as it came (no spectrum: backward recomputes it, one GEMM) and the small blocks.
+    """
+
+    @staticmethod
+    def forward(ctx, result, x, w_diag, w_im, dtype):
+        S, _, n, m = w_diag.shape
+        b = 2 * S
+        dft = _real_dft_matrix(b, dtype, x.device)
+        wd, wi = w_diag.to(dtype), w_im.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            mixed = _mix_slots(_to_slots(x.reshape(-1, n * b), dft, n), wd, wi)
+            res2 = result.reshape(-1, b)
+            if result.dtype == dtype:  # the inverse GEMM accumulates into the frozen output: no add pass
+                out = torch.addmm(res2, _from_slots(mixed, dft), dft)
+            else:
+                out = (res2 + torch.mm(_from_slots(mixed, dft), dft)).to(result.dtype)
+        ctx.save_for_backward(x, wd, wi)
+        ctx.dtype, ctx.block_dtype = dtype, w_diag.dtype
+        return out.view(result.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, wd, wi = ctx.saved_tensors
+        S, _, n, m = wd.shape
+        b = 2 * S
+        dft = _real_dft_matrix(b, ctx.dtype, x.device)
+        needs = ctx.needs_input_grad
+        grad_x = grad_wd = grad_wi = None
+        with torch.autocast(x.device.type, enabled=False):
+            g_spec = _to_slots(grad_out.reshape(-1, m * b), dft, m)  # (S, 2, T, m)
+            if needs[1]:  # the adjoint: transposed blocks, cross term negated
+                gx_spec = _mix_slots(g_spec, wd.mT, -wi.mT)
+                grad_x = torch.mm(_from_slots(gx_spec, dft), dft).view(x.shape).to(x.dtype)
+            if needs[2] or needs[3]:
+                spec = _to_slots(x.reshape(-1, n * b), dft, n)  # recomputed, not saved
+                T = spec.shape[2]
+                grad_wd = _bmm_fp32(spec.view(2 * S, T, n).mT, g_spec.view(2 * S, T, m)).view(S, 2, n, m)
+                grad_wi = _bmm_fp32(spec[:, 1].mT, g_spec[:, 0]) - _bmm_fp32(spec[:, 0].mT, g_spec[:, 1])
+                grad_wd, grad_wi = grad_wd.to(ctx.block_dtype), grad_wi.to(ctx.block_dtype)
+        return grad_out if needs[0] else None, grad_x, grad_wd, grad_wi, None
+
+
+def _dft_conv_add(result: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    w_diag, w_im = _dft_mixing_blocks(kernel.to(torch.float64 if dtype == torch.float64 else kernel.dtype))
+    return _DftBlockCircularConv.apply(result, x, w_diag, w_im, dtype)
+
+
+def _half_dtype(result: torch.Tensor, x: torch.Tensor) -> Optional[torch.dtype]:
+    """The half-precision dtype this call runs in (autocast's, else x's or result's), or ``None``."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in HALF_DTYPES:
+        return torch.get_autocast_dtype(device)
+    return next((t.dtype for t in (x, result) if t.dtype in HALF_DTYPES), None)
+
+
+def add_block_circular_conv(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    kernels: Sequence[torch.Tensor],
+    *,
+    exact_delta: bool = False,
+    path: Optional[str] = None,
+) -> torch.Tensor:
     """``result + Σ_k block_circular_conv(x, k)`` in ``result``'s dtype: the adapters' deltas added to a frozen
-    layer's output ``result``. The one entry point of the layer's unfolded path."""
+    layer's output ``result``. The one entry point of the layer's unfolded path.
+
+    Kernels with the same block size are summed first (``Σ_k C(k) = C(Σ_k k)``), so several adapters cost
+    one. Per block size ``b`` the path is:
+
+    - ``"dft"`` when the call runs in half precision (``x`` or ``result`` bf16/fp16, or autocast active) and
+      ``b`` is even and at most :data:`DFT_MAX_BLOCK`: three GEMMs with half-precision operands and fp32
+      accumulation, the last one accumulating into ``result``;
+    - ``"fft"`` otherwise (fp32/fp64; odd or large ``b``): :func:`block_circular_conv`, computed in fp32/fp64.
+
+    Args:
+        result: ``(..., m·b)``, the frozen layer's output.
+        x: ``(..., n·b)``, the layer's input.
+        kernels: ``(m, n, b)`` kernels (already scaled), possibly of different ``b``.
+        exact_delta: compute the delta entirely in fp32 (fp64 for fp64 inputs) and add it to ``result`` in
+            fp32, so that the output is rounded to ``result``'s dtype once. Slower (fp32 GEMMs); the default
+            rounds the half-precision spectra, a relative error of order the format's unit roundoff *of the
+            delta*, which is small against the rounding of the output itself.
+        path: force ``"dft"`` or ``"fft"`` (benchmarks, tests); ``None`` picks as above. ``"dft"`` with an
+            odd block size is an error.
+
+    Gradients (``result``, ``x``, every kernel) are exact to the compute precision on both paths.
+    """
+    if path not in (None, "dft", "fft"):
+        raise ValueError(f"path must be None, 'dft' or 'fft', got {path!r}")
+    by_block: dict[int, torch.Tensor] = {}
     for kernel in kernels:
-        result = result + block_circular_conv(x, kernel).to(result.dtype)
-    return result
+        _check(x, kernel)
+        b = kernel.shape[-1]
+        by_block[b] = by_block[b] + kernel if b in by_block else kernel
+    if not by_block:
+        return result
+    half = _half_dtype(result, x)
+    out_dtype = result.dtype
+    if exact_delta:  # one fp32 (fp64) accumulator, rounded once at the end
+        wide = torch.float64 if torch.float64 in (x.dtype, result.dtype) else torch.float32
+        result = result.to(wide)
+    for b, kernel in by_block.items():
+        chosen = path or ("dft" if half is not None and b % 2 == 0 and b <= DFT_MAX_BLOCK else "fft")
+        if chosen == "dft":
+            if b % 2:
+                raise ValueError(f"the DFT path needs an even block size, got {b}")
+            dtype = result.dtype if exact_delta or half is None else half
+            result = _dft_conv_add(result, x, kernel, dtype)
+        else:
+            result = result + _BlockCircularConv.apply(x, kernel, result.dtype)
+    return result.to(out_dtype)
 
 
 def circulant_matrix(kernel: torch.Tensor) -> torch.Tensor:

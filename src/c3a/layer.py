@@ -1,11 +1,14 @@
-"""`C3ALinear`: a frozen linear layer plus one or more C³A deltas."""
+"""The C³A tuner layer: a frozen linear layer plus one or more block-circulant deltas (a PEFT ``BaseTunerLayer``)."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Optional
+import warnings
+from typing import Any, Optional, Sequence
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.utils import resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -14,17 +17,19 @@ from .functional import add_block_circular_conv, block_circulant_linear, circula
 # Fold the delta into the weight when tokens·(d_in + d_out)·FOLD_RATIO ≥ d_in·d_out (measured crossover,
 # see docs/performance.md).
 FOLD_RATIO = 2
+BASE_ADAPTER = "__base__"  # in ``adapter_names``: this row runs the base model alone (PEFT's name)
 
 
 def linear_features(layer: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a supported base layer, else ``TypeError``."""
-    if isinstance(layer, nn.Linear):
+    """``(in_features, out_features)`` of a supported base layer (``nn.Linear`` and its subclasses, such as
+    bitsandbytes' 8-/4-bit layers, and GPT-2's ``Conv1D``), else ``TypeError``."""
+    if isinstance(layer, nn.Linear):  # bnb's Linear8bitLt/Linear4bit too; their packed weights have other shapes
         return layer.in_features, layer.out_features
     if isinstance(layer, Conv1D):  # GPT-2 style: weight is (in, out)
         return layer.weight.shape[0], layer.weight.shape[1]
     raise TypeError(
-        f"C3A supports torch.nn.Linear and transformers Conv1D layers, not {type(layer).__module__}."
-        f"{type(layer).__name__}"
+        f"C3A supports torch.nn.Linear (incl. bitsandbytes 8-/4-bit) and transformers Conv1D layers, not "
+        f"{type(layer).__module__}.{type(layer).__name__}"
     )
 
 
@@ -44,6 +49,7 @@ def block_size_problem(block_size: int, in_features: int, out_features: int) -> 
 
 
 def init_kernel_(kernel: torch.Tensor, init_weights: Any, in_features: int, out_features: int) -> None:
+    """PEFT's C3A initialisations: ``True`` zeros, ``"xavier_uniform"``/``False``, ``"kaiming_uniform"``, ``"gaussian"``."""
     with torch.no_grad():
         if init_weights is True or init_weights == "zeros":
             kernel.zero_()
@@ -59,96 +65,156 @@ def init_kernel_(kernel: torch.Tensor, init_weights: Any, in_features: int, out_
             raise ValueError(f"unknown init_weights {init_weights!r}")
 
 
-class C3ALinear(nn.Module):
-    """``y = W0 x + Σ_a C_blk(kernel_a) x / d_in`` over the active adapters ``a``.
+class C3ALayer(BaseTunerLayer):
+    """Adapter bookkeeping: one fp32 kernel ``(d_out/b, d_in/b, b)`` per adapter in ``c3a_kernel``."""
 
-    ``W0`` is the wrapped ``nn.Linear`` or ``Conv1D`` (kept as ``base_layer``, frozen). Each adapter ``a``
-    owns an fp32 kernel of shape ``(d_out/b, d_in/b, b)`` applied with :func:`block_circular_conv`;
-    every adapter sees the layer input. The ``1/d_in`` scale is the reference implementation's, so
-    kernels are interchangeable with PEFT's C3A.
-    """
+    adapter_layer_names = ("c3a_kernel",)
+    other_param_names = ("block_size",)
 
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear_features(base_layer)
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
-        self.c3a_kernel = nn.ParameterDict()
-        self.active_adapters: list[str] = []
+        self.block_size: dict[str, int] = {}
+        self.c3a_kernel = nn.ParameterDict({})
+        self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self.disable_adapters = False
+        self.kwargs = kwargs
+        base = self.get_base_layer()
+        self.in_features, self.out_features = linear_features(base)
+        self.quantization_backend = resolve_quantization_backend(base)
 
-    def block_size(self, adapter: str) -> int:
-        return self.c3a_kernel[adapter].shape[-1]
-
-    def add_adapter(self, adapter: str, block_size: int, init_weights: Any = "xavier_uniform") -> None:
+    def update_layer(
+        self, adapter_name: str, block_size: int, init_weights: Any = "xavier_uniform", inference_mode: bool = False,
+        **kwargs: Any,
+    ) -> None:
         problem = block_size_problem(block_size, self.in_features, self.out_features)
         if problem:
             raise ValueError(f"layer {problem}")
-        weight = self.base_layer.weight
+        weight = self.get_base_layer().weight
         kernel = torch.empty(
-            self.out_features // block_size,
-            self.in_features // block_size,
-            block_size,
-            dtype=torch.float32,
-            device=weight.device,
+            self.out_features // block_size, self.in_features // block_size, block_size,
+            dtype=torch.float32, device=weight.device,
         )
-        init_kernel_(kernel, init_weights, self.in_features, self.out_features)
-        self.c3a_kernel[adapter] = nn.Parameter(kernel)
+        if kernel.device.type != "meta":
+            init_kernel_(kernel, init_weights, self.in_features, self.out_features)
+        self.block_size[adapter_name] = block_size
+        self.c3a_kernel[adapter_name] = nn.Parameter(kernel)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def delete_adapter(self, adapter: str) -> None:
-        if adapter in self.merged_adapters:
-            raise RuntimeError(f"adapter {adapter!r} is merged; unmerge it before deleting")
-        del self.c3a_kernel[adapter]
-        if adapter in self.active_adapters:
-            self.active_adapters.remove(adapter)
-
-    def delta_weight(self, adapter: str) -> torch.Tensor:
-        """``ΔW / d_in`` as ``(out, in)``, in fp32."""
-        return circulant_matrix(self.c3a_kernel[adapter].float()) / self.in_features
-
-    def _weight_delta(self, adapter: str) -> torch.Tensor:
-        delta = self.delta_weight(adapter)
-        return delta.T if isinstance(self.base_layer, Conv1D) else delta
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """The adapter's ``ΔW / d_in`` in fp32, laid out like the base weight (``(out, in)``; ``(in, out)`` for Conv1D)."""
+        delta = circulant_matrix(self.c3a_kernel[adapter].float()) / self.in_features
+        return delta.T if isinstance(self.get_base_layer(), Conv1D) else delta
 
     @torch.no_grad()
-    def merge(self, adapters: Optional[Iterable[str]] = None) -> None:
-        weight = self.base_layer.weight
-        for adapter in self.active_adapters if adapters is None else adapters:
-            if adapter in self.merged_adapters or adapter not in self.c3a_kernel:
-                continue
-            merged = weight.float() + self._weight_delta(adapter).to(weight.device)
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the (active or named) adapters' deltas to the base weight, in fp32, rounded once to its dtype.
+
+        The merged weight is always formed aside and checked for non-finite values before it replaces the
+        base weight (what PEFT's ``safe_merge=True`` does), so a bad kernel never damages the base. A
+        quantized base is dequantized, added to and re-quantized: that rounds the merged weight (a warning says so).
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        adapter_names = [a for a in adapter_names if a in self.c3a_kernel]
+        if not adapter_names:
+            return
+        if self.quantization_backend is not None:
+            warnings.warn(
+                f"Merging C3A adapters into a {self.quantization_backend.backend_name} quantized layer: the merged "
+                "weight is re-quantized, so outputs differ from the unmerged model by the quantization rounding.",
+                UserWarning,
+            )
+        for adapter in adapter_names:
+            weight = self.get_base_weight()
+            merged = weight.float() + self.get_delta_weight(adapter).to(weight.device)
             if not torch.isfinite(merged).all():
-                raise ValueError(f"merging adapter {adapter!r} gives non-finite weights")
-            weight.copy_(merged)
+                raise ValueError(f"merging adapter {adapter!r} gives non-finite weights; the base weight is unchanged")
+            self.set_base_weight(merged.to(weight.dtype))
             self.merged_adapters.append(adapter)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        weight = self.base_layer.weight
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
-            weight.copy_(weight.float() - self._weight_delta(adapter).to(weight.device))
+            if adapter in self.c3a_kernel:
+                weight = self.get_base_weight()
+                self.set_base_weight((weight.float() - self.get_delta_weight(adapter).to(weight.device)).to(weight.dtype))
+
+
+class C3ALinear(nn.Module, C3ALayer):
+    """``y = W0 x + Σ_a C_blk(kernel_a) x / d_in`` over the active adapters ``a``.
+
+    ``W0`` is the frozen base layer: ``nn.Linear``, GPT-2's ``Conv1D``, or a bitsandbytes 8-/4-bit linear layer.
+    Every adapter sees the layer input; the ``1/d_in`` scale is the reference implementation's, so kernels
+    are interchangeable with PEFT's C3A. ``forward(x, adapter_names=[...])`` routes each batch row through its
+    own adapter (``"__base__"``: none), as PEFT's mixed-adapter batches do.
+    """
+
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, block_size: int, init_weights: Any = "xavier_uniform",
+        inference_mode: bool = False, **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        C3ALayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, block_size, init_weights, inference_mode=inference_mode)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters and self.merged_adapters:
-            self.unmerge()
-        active = [] if self.disable_adapters else [a for a in self.active_adapters if a not in self.merged_adapters]
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
         # Scaling the small kernel is cheaper than scaling the (tokens, d_out) output.
-        kernels = [self.c3a_kernel[a] / self.in_features for a in active]
+        kernels = [self.c3a_kernel[a] / self.in_features for a in self.active_adapters if a in self.c3a_kernel]
         if kernels and not args and not kwargs and self._fold_into_weight(x):
-            weight = self.base_layer.weight
-            weight = weight.T if isinstance(self.base_layer, Conv1D) else weight
-            return block_circulant_linear(x, weight, self.base_layer.bias, kernels)
-        return add_block_circular_conv(self.base_layer(x, *args, **kwargs), x, kernels)
+            base = self.base_layer
+            weight = base.weight.T if isinstance(base, Conv1D) else base.weight
+            return block_circulant_linear(x, weight, base.bias, kernels)
+        return self._add_deltas(self.base_layer(x, *args, **kwargs), x, kernels)
+
+    def _add_deltas(self, result: torch.Tensor, x: torch.Tensor, kernels: Sequence[torch.Tensor]) -> torch.Tensor:
+        if not kernels:
+            return result
+        if self.quantization_backend is not None:  # bnb may hand back a view that autograd must not modify
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        return add_block_circular_conv(result, x, kernels)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str], **kwargs: Any) -> torch.Tensor:
+        if self.merged:
+            raise ValueError("adapter_names cannot be used while adapters are merged; unmerge them first")
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows")
+        result = self.base_layer(x, *args, **kwargs)
+        parts = []
+        for adapter in dict.fromkeys(adapter_names):  # unique, in order
+            if adapter == BASE_ADAPTER or adapter not in self.c3a_kernel:
+                continue
+            rows = torch.tensor([i for i, a in enumerate(adapter_names) if a == adapter], device=x.device)
+            kernel = self.c3a_kernel[adapter] / self.in_features
+            parts.append((rows, self._add_deltas(result[rows], x[rows], [kernel])))
+        if parts:
+            result = result.clone()
+            for rows, out in parts:
+                result[rows] = out
+        return result
 
     def _fold_into_weight(self, x: torch.Tensor) -> bool:
         """Fold the delta into the base GEMM when that is cheaper than the FFTs, and exact enough.
 
         Folding costs ``d_in·d_out`` per call, the FFT path ``~tokens·(d_in + d_out)``; half-precision
-        weights (or autocast) would round the small delta away, and hooked base layers (offloading,
-        quantisation) must run their own forward.
+        weights (or autocast) would round the small delta away; quantized and hooked base layers
+        (offloading) must run their own forward.
         """
         base = self.base_layer
+        if self.quantization_backend is not None or type(base) not in (nn.Linear, Conv1D):
+            return False
         weight = base.weight
         if weight.dtype not in (torch.float32, torch.float64) or x.dtype != weight.dtype:
             return False
@@ -159,7 +225,14 @@ class C3ALinear(nn.Module):
         tokens = x.numel() // self.in_features
         return FOLD_RATIO * tokens * (self.in_features + self.out_features) >= self.in_features * self.out_features
 
-    def extra_repr(self) -> str:
-        sizes = {a: self.block_size(a) for a in self.c3a_kernel}
-        return f"in_features={self.in_features}, out_features={self.out_features}, block_size={sizes}"
+    def __repr__(self) -> str:
+        return "c3a." + super().__repr__()
 
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}"
+
+
+def c3a_layers(model: nn.Module) -> list[tuple[str, C3ALayer]]:
+    """``(name, layer)`` of every C³A layer in ``model``; names as in the base model for a ``peft.PeftModel``."""
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return [(name, module) for name, module in root.named_modules() if isinstance(module, C3ALayer)]

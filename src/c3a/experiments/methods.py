@@ -6,6 +6,7 @@ returns the model to train. Experiments only ever go through this module; no met
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -61,28 +62,31 @@ def is_head_param(name: str, head: list[str]) -> bool:
     return any(h in parts for h in head)
 
 
-def _c3a(model, opts):
-    from c3a import C3AConfig, get_c3a_model
+def _peft(config_factory, reference: bool = False):
+    """Build through ``peft.get_peft_model``; ``reference``: with PEFT's own C3A tuner instead of c3a's."""
 
-    config = C3AConfig(
-        block_size=opts.block_size,
-        lora_rank=opts.rank if opts.block_size == "auto" else None,  # "auto" matches LoRA rank r's budget
-        target_modules=_targets(model, opts),
-        modules_to_save=list(opts.head) or None,
-        init_weights=opts.init_weights,
-    )
-    return get_c3a_model(model, config)
-
-
-def _peft(config_factory):
     def build(model, opts):
         from peft import get_peft_model
 
+        from c3a import peft_reference
+
         config = config_factory(model, opts)
         config.modules_to_save = list(opts.head) or None
-        return get_peft_model(model, config)
+        with peft_reference() if reference else nullcontext():
+            return get_peft_model(model, config)
 
     return build
+
+
+def _c3a(model, opts):
+    from c3a import C3AConfig
+
+    return C3AConfig(
+        block_size=opts.block_size,
+        lora_rank=opts.rank if opts.block_size == "auto" else None,  # "auto" matches LoRA rank r's budget
+        target_modules=_targets(model, opts),
+        init_weights=opts.init_weights,
+    )
 
 
 def _lora(model, opts):
@@ -137,12 +141,12 @@ def _full(model, opts):
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("c3a", _c3a, 1e-1, 1e-4, "C³A block-circulant adapter (this library)", head_lr=4e-3),
+        Method("c3a", _peft(_c3a), 1e-1, 1e-4, "C³A block-circulant adapter (this library)", head_lr=4e-3),
         Method("lora", _peft(_lora), 4e-4, 0.0, "LoRA (PEFT)"),
         Method("vera", _peft(_vera), 4e-3, 0.0, "VeRA (PEFT)"),
         Method("boft", _peft(_boft), 3e-4, 0.0, "BOFT (PEFT)"),
         Method("ia3", _peft(_ia3), 3e-3, 0.0, "(IA)³ (PEFT)"),
-        Method("peft-c3a", _peft(_peft_c3a), 1e-1, 1e-4, "PEFT's C3A tuner (reference implementation)", head_lr=4e-3),
+        Method("peft-c3a", _peft(_peft_c3a, reference=True), 1e-1, 1e-4, "PEFT's C3A tuner (reference implementation)", head_lr=4e-3),
         Method("bitfit", _bitfit, 1e-3, 0.0, "BitFit: biases only"),
         Method("head", _head, 4e-3, 0.0, "the task head only"),
         Method("full", _full, 2e-5, 0.01, "full fine-tuning"),

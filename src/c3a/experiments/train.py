@@ -107,8 +107,8 @@ class _Trainer(Trainer):
 class KeepBest(TrainerCallback):
     """Snapshot the trainable parameters whenever the validation metric improves; restore the best at the end.
 
-    Lighter and wrapper-agnostic compared with ``load_best_model_at_end`` (no checkpoints on disk, works the same
-    for PEFT, C3AModel or plain models); frozen weights never change, so they need no copy.
+    Lighter than ``load_best_model_at_end`` (no checkpoints on disk, the same for PEFT and plain models); frozen
+    weights never change, so they need no copy.
     """
 
     def __init__(self, metric: str, greater_is_better: bool = True):
@@ -191,9 +191,6 @@ def fit(
         logging_strategy="epoch",
         save_strategy="no",
         report_to="none",
-        # wrappers (PEFT, C3AModel) hide the forward signature: the datasets carry model inputs only
-        remove_unused_columns=False,
-        label_names=["labels"],
     )
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available():
         # without use_cpu, `torchrun` on a CPU-only machine trains every rank on its own (no DDP at all)
@@ -212,7 +209,7 @@ def fit(
         head_lr=config.head_lr,
     )
     # The Trainer multiplies the loss by the world size when the forward takes **kwargs, expecting a loss summed
-    # and divided by the global `num_items_in_batch`; wrappers and most HF heads take **kwargs yet return a
+    # and divided by the global `num_items_in_batch`; PeftModel and most HF heads take **kwargs yet return a
     # per-device mean, so DDP gradients would come out world-size times too large. Plain per-device means it is.
     trainer.model_accepts_loss_kwargs = False
     with PeakMemory() as memory:

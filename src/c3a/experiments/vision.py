@@ -143,7 +143,9 @@ def run_vit(args: argparse.Namespace) -> int:
     model = build_method(model, args.method, options)
     data = {split: with_pixels(dataset, processor, image_column, label_column) for split, dataset in splits.items()}
 
-    config = train_config(args, os.path.join(out, "trainer"), dataloader_num_workers=args.num_workers)
+    # the images are decoded on the fly from their own column (with_pixels), which the model's forward does not name
+    config = train_config(args, os.path.join(out, "trainer"), dataloader_num_workers=args.num_workers,
+                          remove_unused_columns=False)
     result = fit(
         model, data["train"], data["validation"], config=config, head=head, metric="accuracy", compute_metrics=accuracy
     )

@@ -1,0 +1,126 @@
+"""The tuner layer on its own: both forward paths exact, merge/unmerge, init, dtypes, mixed-adapter batches."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from c3a import C3ALinear, circulant_matrix
+
+
+def _layer(base: nn.Module, *adapters: tuple[str, int]) -> C3ALinear:
+    (first, b), *rest = adapters
+    layer = C3ALinear(base, first, block_size=b, init_weights="gaussian")
+    for name, size in rest:
+        layer.update_layer(name, size, "gaussian")
+    layer.set_adapter([name for name, _ in adapters])
+    return layer
+
+
+def _dense_weight(layer: C3ALinear, adapters) -> torch.Tensor:
+    base = layer.get_base_layer()
+    weight = base.weight.T if isinstance(base, Conv1D) else base.weight
+    return weight + sum(circulant_matrix(layer.c3a_kernel[a].detach()) / layer.in_features for a in adapters)
+
+
+@pytest.mark.parametrize("base", [nn.Linear(24, 16), Conv1D(16, 24)])  # Conv1D(nf=out, nx=in)
+def test_layer_equals_dense_delta_and_merges(base):
+    torch.manual_seed(0)
+    layer = _layer(copy.deepcopy(base), ("a", 8))
+    x = torch.randn(3, 5, 24)
+    expected = nn.functional.linear(x, _dense_weight(layer, ["a"]), base.bias)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    layer.merge()
+    assert layer.merged_adapters == ["a"]
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, base.weight, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fold_ratio", [0, 10**9])  # FFT path, folded-weight path
+@pytest.mark.parametrize("base_cls", ["linear", "conv1d"])
+def test_both_layer_paths_exact(monkeypatch, fold_ratio, base_cls):
+    monkeypatch.setattr("c3a.layer.FOLD_RATIO", fold_ratio)
+    torch.manual_seed(0)
+    base = (nn.Linear(12, 8) if base_cls == "linear" else Conv1D(8, 12)).double()
+    layer = _layer(base, ("a", 4), ("b", 2))
+    layer.double()  # gradcheck needs float64 kernels too
+    layer.base_layer.bias.requires_grad_(True)
+    x = torch.randn(2, 3, 12, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, _dense_weight(layer, "ab"), base.bias))
+    params = (x, layer.c3a_kernel["a"], layer.c3a_kernel["b"], layer.base_layer.bias)
+    assert torch.autograd.gradcheck(lambda x, *_: layer(x), params)
+
+
+def test_layer_kernel_stays_fp32_with_bf16_base():
+    layer = _layer(nn.Linear(16, 16).to(torch.bfloat16), ("a", 4))
+    x = torch.randn(2, 16, dtype=torch.bfloat16)
+    y = layer(x)
+    assert layer.c3a_kernel["a"].dtype == torch.float32 and y.dtype == torch.bfloat16
+    ref = layer.base_layer(x).float() + x.float() @ (circulant_matrix(layer.c3a_kernel["a"].detach()) / 16).T
+    # bf16 output: one rounding (2^-8 relative) of values of size ~|ref|, plus the bf16 base GEMM over 16 terms
+    torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("init", ["xavier_uniform", "kaiming_uniform", "gaussian", "zeros", True, False])
+def test_init_weights(init):
+    layer = C3ALinear(nn.Linear(32, 16), "a", block_size=8, init_weights=init)
+    k = layer.c3a_kernel["a"]
+    assert k.shape == (2, 4, 8) and k.dtype == torch.float32
+    if init in ("zeros", True):
+        assert torch.count_nonzero(k) == 0
+    else:
+        assert torch.count_nonzero(k) == k.numel()
+    if init in ("xavier_uniform", False):
+        assert k.abs().max() <= (6 / 48) ** 0.5
+
+
+def test_unsupported_layer_type_and_bad_block_size():
+    with pytest.raises(TypeError, match="Conv2d"):
+        C3ALinear(nn.Conv2d(3, 3, 1), "a", block_size=1)
+    with pytest.raises(ValueError, match=r"valid block sizes: \[1, 2, 4, 8, 16\]"):
+        C3ALinear(nn.Linear(32, 16), "a", block_size=5)
+
+
+def test_autocast_uses_the_fft_path():
+    """Under bf16 autocast the delta is not folded into a weight that autocast would round to bf16."""
+    torch.manual_seed(0)
+    layer = _layer(nn.Linear(256, 256), ("a", 64))
+    x = torch.randn(512, 256)  # enough tokens that fp32 folds
+    assert layer._fold_into_weight(x)
+    expected = layer.base_layer(x) + x @ (circulant_matrix(layer.c3a_kernel["a"].detach()) / 256).T
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer._fold_into_weight(x)
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - expected).norm() < 1e-2 * expected.norm()
+
+
+def test_mixed_batch_rows_equal_each_adapter_alone():
+    torch.manual_seed(0)
+    layer = _layer(nn.Linear(16, 8), ("a", 4), ("b", 8))
+    x = torch.randn(5, 3, 16)
+    names = ["a", "__base__", "b", "a", "b"]
+    with torch.no_grad():
+        mixed = layer(x, adapter_names=names)
+        alone = {}
+        for adapter in ("a", "b"):
+            layer.set_adapter(adapter)
+            alone[adapter] = layer(x)
+        alone["__base__"] = layer.base_layer(x)
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], alone[name][row], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="2 entries for a batch of 5"):
+        layer(x, adapter_names=["a", "b"])
+
+
+def test_merge_refuses_non_finite_and_leaves_base_untouched():
+    layer = _layer(nn.Linear(8, 8), ("a", 4))
+    before = layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.c3a_kernel["a"][0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        layer.merge()
+    assert torch.equal(layer.base_layer.weight, before) and not layer.merged
