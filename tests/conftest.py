@@ -27,3 +27,28 @@ def tiny_gpt2():
 @pytest.fixture
 def token_ids():
     return torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def write_tiny_llama(root, corpus, **config):
+    """A 2-layer random Llama (hidden 32) and a byte-level BPE tokenizer trained on ``corpus``, saved in ``root``
+    as a local model folder (what a hub id resolves to)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, set_seed
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    set_seed(0)
+    settings = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    tokenizer.save_pretrained(root)
+    LlamaForCausalLM(LlamaConfig(**{**settings, **config})).save_pretrained(root)
+    return root

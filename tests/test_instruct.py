@@ -9,6 +9,7 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from c3a.cli import main
+from conftest import write_tiny_llama
 from c3a.experiments.answers import (
     SCORERS,
     gsm8k_answer,
@@ -196,29 +197,11 @@ def test_score_counts_and_records():
 def tiny_llama(tmp_path_factory):
     """A 2-layer random Llama (hidden 32) with a byte-level BPE tokenizer trained on the test data, and a
     GSM8K-style JSONL of :func:`_gsm8k_rows`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, set_seed
-
     root = tmp_path_factory.mktemp("sft")
     rows = _gsm8k_rows(48)
     (root / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     fmt = FORMATS["gsm8k"]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    bpe.train_from_iterator([fmt.prompt(r) + fmt.target(r) for r in rows], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    set_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    tokenizer.save_pretrained(root / "model")
-    LlamaForCausalLM(config).save_pretrained(root / "model")
+    write_tiny_llama(root / "model", [fmt.prompt(r) + fmt.target(r) for r in rows])
     return root
 
 
