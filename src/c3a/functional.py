@@ -41,8 +41,8 @@ __all__ = [
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 # Largest block size for which the DFT-as-GEMM path is used in half precision. Its transforms cost
-# 2·b FLOPs per input and output element (the FFT's ~5·log2(b), but memory-bound and in fp32); measured on a
-# 2-core x86-64 CPU (docs/performance.md) the GEMM path stops paying between b = 256 and b = 512.
+# 2·b FLOPs per input and output element (the FFT's ~5·log2(b), but memory-bound and in fp32), so the
+# GEMM path stops paying for large b; where, is measured in docs/performance.md.
 DFT_MAX_BLOCK = 256
 
 
@@ -128,69 +128,73 @@ def block_circular_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 
 # -- half precision: the real DFT as a GEMM ----------------------------------------------------------------------
 #
-# For even b the real spectrum of a block is b real numbers: Re X_s and Im X_s for the S = b/2 - 1 inner
-# frequencies, and the two real ones, DC and Nyquist, which share slot 0. With the transform matrix R below,
-# X̂ = R @ x_blockᵀ holds slot s in rows (2s, 2s+1). In slot s ≥ 1 the mixing Y_s = Σ_j conj(K_ij,s) X_j,s is,
+# For even b the real spectrum of a block is b real numbers: Re X_s and Im X_s for the inner frequencies
+# s = 1 … S−1 (S = b/2), and the two real ones, DC and Nyquist, which share slot 0 (as its "re" and "im").
+# With the transform matrix R below, X̂ = R @ x_blockᵀ holds Re X_s in row s and Im X_s in row S + s. In slot s ≥ 1 the mixing Y_s = Σ_j conj(K_ij,s) X_j,s is,
 # with K = Kr + i·Ki and the blocks transposed (tokens are rows),
 #     Re Y = Re X · Krᵀ + Im X · Kiᵀ,        Im Y = Im X · Krᵀ − Re X · Kiᵀ;
 # in slot 0, DC and Nyquist are mixed by their own real blocks and do not interact. The inverse (irfft) is
 # R again, once its weights 1/b (DC, Nyquist) and 2/b (the others) are folded into the mixing blocks:
 #     y_c = Σ_s Re Y_s·(w_s cos θ) + Im Y_s·(−w_s sin θ),  θ = 2π s c / b.
+# Both transforms use R/√b (near-orthonormal: spectra keep the size of the data, which fp16's range needs;
+# the DFT sums b entries), so the blocks carry b·w_s: 1 for DC and Nyquist, 2 for the others.
 #
-# Layout: R @ x2ᵀ gives X̂ as (S, 2, T, n) — for each (slot, re/im) a contiguous (T, n) matrix, so the mixing
-# is batched GEMMs on views, and the mixed spectrum (S, 2, T, m) is read back by the inverse GEMM as a
-# transposed operand that lands directly in the (T, m·b) layout of the layer's output. No permute copy.
+# Layout: R @ x2ᵀ gives X̂ as (2, S, T, n) — re/im outermost, so Re X̂ and Im X̂ are each a contiguous batch
+# of (T, n) matrices and every mixing GEMM reads and writes whole contiguous tensors (strided batch views
+# cost a hidden copy on CPU). The mixed spectrum (2, S, T, m) is read by the inverse GEMM as a transposed
+# operand that lands directly in the (T, m·b) layout of the layer's output. No permute copy anywhere.
 
 
 @functools.lru_cache(maxsize=32)
 def _real_dft_matrix(b: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``R`` of shape ``(b, b)``: row ``2s`` is ``cos(2π s c / b)``, row ``2s+1`` is ``−sin(2π s c / b)``,
-    except slot 0, whose rows are DC (all ones) and Nyquist ``(−1)^c``. Built in float64, then cast once."""
+    """``R`` of shape ``(b, b)``: row ``s`` is ``cos(2π s c / b)``, row ``S + s`` is ``−sin(2π s c / b)``,
+    except slot 0, whose rows are DC (all ones) and Nyquist ``(−1)^c``; returned divided by ``√b``.
+    Built in float64, then cast once."""
     s = torch.arange(b // 2, dtype=torch.int64)[:, None]
     c = torch.arange(b, dtype=torch.int64)[None, :]
     angle = (2 * math.pi / b) * ((s * c) % b).to(torch.float64)  # reduce s·c mod b first: exact angles
     cos, sin = torch.cos(angle), -torch.sin(angle)
     sin[0] = 1 - 2 * (c[0] % 2)  # Nyquist row shares slot 0 with DC
-    return torch.stack([cos, sin], dim=1).reshape(b, b).to(dtype=dtype, device=device)
+    return (torch.cat([cos, sin]) / math.sqrt(b)).to(dtype=dtype, device=device)
 
 
 def _dft_mixing_blocks(kernel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-slot real mixing blocks of ``kernel`` ``(m, n, b)``, ``b`` even, built from ``rfft(kernel)``
     with differentiable ops (autograd carries their gradient back to the kernel).
 
-    Returns ``w_diag`` ``(S, 2, n, m)`` — the blocks acting re→re ([:, 0]) and im→im ([:, 1]) — and ``w_im``
+    Returns ``w_diag`` ``(2, S, n, m)`` — the blocks acting re→re ([0]) and im→im ([1]) — and ``w_im``
     ``(S, n, m)``, the cross blocks (``+w_im`` im→re, ``−w_im`` re→im; zero in slot 0). The inverse DFT's
-    weights (1/b for DC and Nyquist, 2/b otherwise) are folded in.
+    weights times ``b`` (1 for DC and Nyquist, 2 otherwise: the transforms are ``R/√b`` both ways) are folded in.
     """
     b = kernel.shape[-1]
     S = b // 2
-    spec = rfft(kernel, dim=-1).permute(2, 1, 0) * (2 / b)  # (S + 1, n, m): blocks transposed, frequency first
+    spec = rfft(kernel, dim=-1).permute(2, 1, 0) * 2  # (S + 1, n, m): blocks transposed, frequency first
     re, im = spec.real, spec.imag
     dc, nyquist = re[:1] / 2, re[S:] / 2
-    w_diag = torch.stack([torch.cat([dc, re[1:S]]), torch.cat([nyquist, re[1:S]])], dim=1)
+    w_diag = torch.stack([torch.cat([dc, re[1:S]]), torch.cat([nyquist, re[1:S]])])
     w_im = torch.cat([torch.zeros_like(dc), im[1:S]])
     return w_diag, w_im
 
 
 def _to_slots(t2: torch.Tensor, dft: torch.Tensor, p: int) -> torch.Tensor:
-    """``(T, p·b)`` rows of blocks → their real spectra ``(S, 2, T, p)``: one GEMM ``R @ blocksᵀ``."""
+    """``(T, p·b)`` rows of blocks → their real spectra ``(2, S, T, p)``: one GEMM ``R @ blocksᵀ``."""
     b = dft.shape[0]
-    return torch.mm(dft, t2.reshape(-1, b).to(dft.dtype).T).view(b // 2, 2, -1, p)
+    return torch.mm(dft, t2.reshape(-1, b).to(dft.dtype).T).view(2, b // 2, -1, p)
 
 
 def _mix_slots(spec: torch.Tensor, w_diag: torch.Tensor, w_im: torch.Tensor) -> torch.Tensor:
-    """``(S, 2, T, p)`` spectra × per-slot real blocks → ``(S, 2, T, q)``: one batched GEMM for the diagonal
-    blocks, then the two cross terms accumulated in place (GEMM epilogue, beta = 1) on strided views."""
-    S, _, T, p = spec.shape
+    """``(2, S, T, p)`` spectra × per-slot real blocks → ``(2, S, T, q)``: one batched GEMM for the diagonal
+    blocks, then the two cross terms accumulated in place (GEMM epilogue, beta = 1), all on contiguous halves."""
+    _, S, T, p = spec.shape
     q = w_diag.shape[-1]
-    out = torch.bmm(spec.view(2 * S, T, p), w_diag.reshape(2 * S, p, q)).view(S, 2, T, q)
-    out[:, 0].baddbmm_(spec[:, 1], w_im)
-    out[:, 1].baddbmm_(spec[:, 0], w_im, alpha=-1)
+    out = torch.bmm(spec.view(2 * S, T, p), w_diag.reshape(2 * S, p, q)).view(2, S, T, q)
+    out[0].baddbmm_(spec[1], w_im)
+    out[1].baddbmm_(spec[0], w_im, alpha=-1)
     return out
 
 
 def _from_slots(spec: torch.Tensor, dft: torch.Tensor) -> torch.Tensor:
-    """``(S, 2, T, q)`` spectra → ``(T·q, b)`` blocks, the inverse GEMM ``spec_(b, T·q)ᵀ @ R``."""
+    """``(2, S, T, q)`` spectra as the ``(T·q, b)`` operand of the inverse GEMM ``· @ R`` (a transposed view)."""
     return spec.view(dft.shape[0], -1).T
 
 
@@ -213,7 +217,7 @@ class _DftBlockCircularConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, result, x, w_diag, w_im, dtype):
-        S, _, n, m = w_diag.shape
+        _, S, n, m = w_diag.shape
         b = 2 * S
         dft = _real_dft_matrix(b, dtype, x.device)
         wd, wi = w_diag.to(dtype), w_im.to(dtype)
@@ -232,21 +236,21 @@ class _DftBlockCircularConv(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         x, wd, wi = ctx.saved_tensors
-        S, _, n, m = wd.shape
+        _, S, n, m = wd.shape
         b = 2 * S
         dft = _real_dft_matrix(b, ctx.dtype, x.device)
         needs = ctx.needs_input_grad
         grad_x = grad_wd = grad_wi = None
         with torch.autocast(x.device.type, enabled=False):
-            g_spec = _to_slots(grad_out.reshape(-1, m * b), dft, m)  # (S, 2, T, m)
+            g_spec = _to_slots(grad_out.reshape(-1, m * b), dft, m)  # (2, S, T, m)
             if needs[1]:  # the adjoint: transposed blocks, cross term negated
                 gx_spec = _mix_slots(g_spec, wd.mT, -wi.mT)
                 grad_x = torch.mm(_from_slots(gx_spec, dft), dft).view(x.shape).to(x.dtype)
             if needs[2] or needs[3]:
                 spec = _to_slots(x.reshape(-1, n * b), dft, n)  # recomputed, not saved
                 T = spec.shape[2]
-                grad_wd = _bmm_fp32(spec.view(2 * S, T, n).mT, g_spec.view(2 * S, T, m)).view(S, 2, n, m)
-                grad_wi = _bmm_fp32(spec[:, 1].mT, g_spec[:, 0]) - _bmm_fp32(spec[:, 0].mT, g_spec[:, 1])
+                grad_wd = _bmm_fp32(spec.view(2 * S, T, n).mT, g_spec.view(2 * S, T, m)).view(2, S, n, m)
+                grad_wi = _bmm_fp32(spec[1].mT, g_spec[0]) - _bmm_fp32(spec[0].mT, g_spec[1])
                 grad_wd, grad_wi = grad_wd.to(ctx.block_dtype), grad_wi.to(ctx.block_dtype)
         return grad_out if needs[0] else None, grad_x, grad_wd, grad_wi, None
 

@@ -1,0 +1,226 @@
+"""The half-precision DFT-as-GEMM path of ``add_block_circular_conv`` against a float64 dense reference.
+
+Tolerances, from the arithmetic (normwise, ‖err‖_F ≤ tol·‖ref‖_F). The path is a chain of GEMMs with operands
+rounded to the half format (unit roundoff u: bf16 2^-8, fp16 2^-11) and fp32 accumulation. Each rounding of a
+tensor is a relative perturbation ≤ u of it, in norm; it reaches the result through the rest of the chain, a
+linear map that changes norms by at most κ: the transforms are R/√b, orthogonal up to the DC/Nyquist rows
+(κ ≤ √2), and for the i.i.d. Gaussian data used here a random (k×q) block changes the norm of a product by at
+most 1 + √(k/q) ≤ 2 (square blocks, Marchenko–Pastur edge). Roundings counted:
+  forward  6: R (twice), the input spectrum, the mixing blocks, the mixed spectrum, the output;
+  grad x   6: the same chain run backwards from the (rounded) output gradient;
+  grad k   5: R and the spectrum for each of x and the output gradient, and the GEMM output, which on CPU is
+              rounded to the half format before widening to fp32.
+So tol = count·2√2·u, plus the fp32 accumulation, L·2^-24 for a reduction of length L ≤ max(b, tokens, n·b)
+(≤ 2^-14 here, kept for honesty). This is first-order and worst-case in each stage: measured errors are about
+1·u (independent roundings partly cancel), so the tests have room across BLAS libraries and CPUs yet fail for
+any real mistake (a wrong sign, slot or scale gives errors of order 1).
+"""
+
+import math
+
+import pytest
+import torch
+
+from c3a.functional import DFT_MAX_BLOCK, add_block_circular_conv, block_circular_conv, circulant_matrix
+
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+ROUNDINGS = {"forward": 6, "grad_x": 6, "grad_k": 5}
+
+
+def _tol(dtype, what, reduction):
+    return ROUNDINGS[what] * 2 * math.sqrt(2) * UNIT_ROUNDOFF[dtype] + reduction * 2.0**-24
+
+
+def _rel_err(actual, expected):
+    return ((actual.double() - expected).norm() / expected.norm()).item()
+
+
+def _graph_nodes(t):
+    """Names of the autograd nodes behind ``t`` (which path ran)."""
+    seen, stack, names = set(), [t.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return names
+
+
+def _reference(result, x, kernels, grad):
+    """float64 dense: ``result + Σ x @ C(k)ᵀ`` and its gradients, from the very same (rounded) inputs."""
+    x64 = x.detach().double().requires_grad_()
+    ks64 = [k.detach().double().requires_grad_() for k in kernels]
+    y = result.detach().double() + sum(x64 @ circulant_matrix(k).T for k in ks64)
+    y.backward(grad.double())
+    return y.detach(), x64.grad, [k.grad for k in ks64]
+
+
+def _run(result, x, kernels, grad, **kw):
+    x = x.detach().requires_grad_()
+    ks = [k.detach().requires_grad_() for k in kernels]
+    y = add_block_circular_conv(result, x, ks, **kw)
+    y.backward(grad)
+    return y, x.grad, [k.grad for k in ks]
+
+
+# (m, n, b): m ≠ n both ways, b from 2 (DC and Nyquist only) to 64, non-powers of two
+SHAPES = [(2, 3, 8), (3, 2, 4), (1, 1, 2), (2, 2, 16), (1, 2, 6), (2, 1, 64)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("lead", [(12,), (2, 5)])
+def test_dft_path_matches_dense_reference(dtype, shape, lead):
+    m, n, b = shape
+    g = torch.Generator().manual_seed(hash((shape, lead)) % 2**31)
+    kernel = torch.randn(m, n, b, generator=g)  # kernels stay fp32 (the layer's Parameters)
+    x = torch.randn(*lead, n * b, generator=g).to(dtype)
+    result = torch.zeros(*lead, m * b, dtype=dtype)  # zero: the error of the delta alone
+    grad = torch.randn(*lead, m * b, generator=g).to(dtype)
+    y, gx, (gk,) = _run(result, x, [kernel], grad)
+    assert "_DftBlockCircularConvBackward" in _graph_nodes(y)
+    assert y.dtype == dtype and gx.dtype == dtype and gk.dtype == torch.float32 and y.shape == (*lead, m * b)
+    ref, ref_gx, (ref_gk,) = _reference(result, x, [kernel], grad)
+    tokens = math.prod(lead)
+    assert _rel_err(y, ref) <= _tol(dtype, "forward", n * b)
+    assert _rel_err(gx, ref_gx) <= _tol(dtype, "grad_x", m * b)
+    assert _rel_err(gk, ref_gk) <= _tol(dtype, "grad_k", max(b, tokens))
+
+
+def test_several_kernels_mixed_block_sizes_and_fallbacks():
+    """Two adapters with b = 8 (summed into one), one with b = 4 (DFT), one with odd b = 3 (FFT fallback)."""
+    torch.manual_seed(0)
+    d_in, d_out = 24, 48
+    kernels = [torch.randn(d_out // b, d_in // b, b) for b in (8, 4, 8, 3)]
+    x = torch.randn(10, d_in).bfloat16()
+    result = torch.randn(10, d_out).bfloat16()
+    grad = torch.randn(10, d_out).bfloat16()
+    y, gx, gks = _run(result, x, kernels, grad)
+    names = _graph_nodes(y)
+    assert "_DftBlockCircularConvBackward" in names and "_BlockCircularConvBackward" in names
+    ref, ref_gx, ref_gks = _reference(result, x, kernels, grad)
+    u = UNIT_ROUNDOFF[torch.bfloat16]
+    # result is not zero: the output's own rounding (≤ u·‖ref‖) comes on top of the delta's error
+    assert _rel_err(y, ref) <= _tol(torch.bfloat16, "forward", d_in) + u
+    assert _rel_err(gx, ref_gx) <= _tol(torch.bfloat16, "grad_x", d_out)
+    for gk, ref_gk in zip(gks, ref_gks):
+        assert _rel_err(gk, ref_gk) <= _tol(torch.bfloat16, "grad_k", 10)
+
+
+def test_autocast_with_fp32_input_and_weights():
+    """Inside autocast(bf16) the frozen layer returns bf16 from fp32 x: the DFT path runs in bf16, x's gradient
+    stays fp32, and nothing inside is re-cast by autocast."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(32, 16, bias=False).requires_grad_(False)
+    kernel, x = torch.randn(2, 4, 8), torch.randn(3, 4, 32)
+    grad = torch.randn(3, 4, 16).bfloat16()
+    xr, kr = x.clone().requires_grad_(), kernel.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = base(x)  # x without grad here, so that xr.grad is the adapter's alone
+        y = add_block_circular_conv(result, xr, [kr])
+    assert result.dtype == y.dtype == torch.bfloat16 and "_DftBlockCircularConvBackward" in _graph_nodes(y)
+    y.backward(grad)
+    assert xr.grad.dtype == torch.float32 and kr.grad.dtype == torch.float32
+    # the path sees x rounded to bf16; the reference uses the same rounded input
+    ref, ref_gx, (ref_gk,) = _reference(torch.zeros(3, 4, 16), x.bfloat16(), [kernel], grad)
+    u = UNIT_ROUNDOFF[torch.bfloat16]
+    assert _rel_err(y.double() - result.double(), ref) <= _tol(torch.bfloat16, "forward", 32) + 2 * u * (
+        y.double().norm() / ref.norm()  # y's rounding, relative to the delta's size
+    )
+    assert _rel_err(xr.grad, ref_gx) <= _tol(torch.bfloat16, "grad_x", 16)
+    assert _rel_err(kr.grad, ref_gk) <= _tol(torch.bfloat16, "grad_k", 12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_exact_delta_rounds_once(dtype):
+    """exact_delta: the delta in fp32 and added before the one rounding, so the output is the correctly rounded
+    ``result + delta`` up to fp32 error; the default mode rounds the spectra too (larger error, same order u)."""
+    torch.manual_seed(0)
+    kernel = torch.randn(3, 2, 16) * 0.05
+    x = torch.randn(64, 32).to(dtype)
+    result = torch.randn(64, 48).to(dtype)
+    exact_sum = result.double() + x.double() @ circulant_matrix(kernel.double()).T
+    u = UNIT_ROUNDOFF[dtype]
+    y_exact = add_block_circular_conv(result, x, [kernel], exact_delta=True)
+    assert y_exact.dtype == dtype
+    # one rounding: |y - s| ≤ u·|s| per element, up to the fp32 computation of the delta (2^-24 · n·b terms)
+    slack = 64 * 2.0**-24 * (x.double().abs() @ circulant_matrix(kernel.double()).abs().T)
+    assert ((y_exact.double() - exact_sum).abs() <= u * exact_sum.abs() + slack).all()
+    y_fast = add_block_circular_conv(result, x, [kernel])
+    assert _rel_err(y_fast, exact_sum) <= _tol(dtype, "forward", 32) + u
+    assert _rel_err(y_exact, exact_sum) <= _rel_err(y_fast, exact_sum)
+
+
+def test_exact_delta_on_fft_fallback():
+    torch.manual_seed(0)
+    kernel = torch.randn(2, 2, 5) * 0.05  # odd b: FFT path
+    x, result = torch.randn(7, 10).bfloat16(), torch.randn(7, 10).bfloat16()
+    exact_sum = result.double() + x.double() @ circulant_matrix(kernel.double()).T
+    y = add_block_circular_conv(result, x, [kernel], exact_delta=True)
+    assert y.dtype == torch.bfloat16
+    assert ((y.double() - exact_sum).abs() <= 2.0**-8 * exact_sum.abs() + 1e-6).all()
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8), (3, 2, 4), (1, 1, 2), (2, 1, 6)])
+def test_dft_construction_gradcheck_float64(shape):
+    """The very same GEMM construction run in float64: exact forward and gradients for result, x and kernel."""
+    m, n, b = shape
+    torch.manual_seed(1)
+    kernel = torch.randn(m, n, b, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, n * b, dtype=torch.float64, requires_grad=True)
+    result = torch.randn(2, 3, m * b, dtype=torch.float64, requires_grad=True)
+
+    def dft(result, x, kernel):
+        return add_block_circular_conv(result, x, [kernel], path="dft")
+
+    torch.testing.assert_close(dft(result, x, kernel), result + block_circular_conv(x, kernel), rtol=1e-12, atol=1e-12)
+    assert "_DftBlockCircularConvBackward" in _graph_nodes(dft(result, x, kernel))
+    assert torch.autograd.gradcheck(dft, (result, x, kernel))
+
+
+def test_dispatch():
+    k_even, k_odd = torch.randn(2, 2, 8), torch.randn(2, 2, 5)
+    k_large = torch.randn(1, 1, 2 * DFT_MAX_BLOCK)
+    for x_dtype, kernel, path in [
+        (torch.float32, k_even, "fft"),  # full precision: the FFT path (the layer folds before calling)
+        (torch.float64, k_even, "fft"),
+        (torch.bfloat16, k_even, "dft"),
+        (torch.float16, k_even, "dft"),
+        (torch.bfloat16, k_odd, "fft"),  # odd b has no shared DC/Nyquist slot
+        (torch.bfloat16, k_large, "fft"),  # beyond where the b×b GEMM pays
+    ]:
+        x = torch.randn(3, kernel.shape[1] * kernel.shape[2]).to(x_dtype).requires_grad_()
+        result = torch.zeros(3, kernel.shape[0] * kernel.shape[2], dtype=x_dtype)
+        names = _graph_nodes(add_block_circular_conv(result, x, [kernel]))
+        assert ("_DftBlockCircularConvBackward" in names) == (path == "dft"), (x_dtype, kernel.shape)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 tensors, but autocast: half precision
+        x = torch.randn(3, 16, requires_grad=True)
+        assert "_DftBlockCircularConvBackward" in _graph_nodes(add_block_circular_conv(torch.zeros(3, 16), x, [k_even]))
+
+
+def test_saves_only_the_input():
+    x = torch.randn(64, 32, dtype=torch.bfloat16, requires_grad=True)
+    kernel = torch.randn(2, 4, 8, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        add_block_circular_conv(torch.zeros(64, 16, dtype=torch.bfloat16), x, [kernel])
+    activations = [t for t in saved if t.numel() >= x.numel()]
+    assert len(activations) == 1 and activations[0].data_ptr() == x.data_ptr()  # x itself: no spectrum, no copy
+
+
+def test_errors_and_no_kernels():
+    x, result = torch.randn(2, 10).bfloat16(), torch.zeros(2, 10).bfloat16()
+    with pytest.raises(ValueError, match="even block size"):
+        add_block_circular_conv(result, x, [torch.randn(2, 2, 5)], path="dft")
+    with pytest.raises(ValueError, match="path"):
+        add_block_circular_conv(result, x, [torch.randn(2, 2, 5)], path="gemm")
+    with pytest.raises(ValueError, match="n·b"):
+        add_block_circular_conv(result, x, [torch.randn(2, 3, 4)])
+    assert add_block_circular_conv(result, x, []) is result
