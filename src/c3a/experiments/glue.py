@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 
 from c3a.experiments.methods import METHODS, build_method, trainable_parameters
+from c3a.experiments.selection import Choice, GridPoint, grid_points, select
 
 
 # -- tasks and metrics ----------------------------------------------------------------------------------
@@ -260,18 +261,27 @@ def add_glue_suite_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=["full", "bitfit", "ia3", "lora", "vera", "boft", "c3a"],
         help="table rows: a method name, optionally with `c3a glue` options after colons, e.g. "
-        "c3a:block-size=64 or lora:rank=16:lr=5e-4 (row label `c3a (block-size=64)`)",
+        "c3a:block-size=64 or lora:rank=16 (row label `c3a (block-size=64)`); several values separated by commas "
+        "form a grid chosen on validation, e.g. lora:lr=2e-4,5e-4,1e-3. A row without lr (and no suite --lr) "
+        "gets its method's default grid from the registry",
     )
     parser.add_argument("--seeds", nargs="+", default=["0", "1", "2"])
-    parser.add_argument("--out", required=True, help="grid folder: <task>/<row>/seed<k>/results.json, table.md, summary.png")
+    parser.add_argument(
+        "--select-seeds", nargs="+",
+        help="seeds whose validation scores choose the grid point (default: all --seeds); the other seeds run at "
+        "the chosen point only, once it is known",
+    )
+    parser.add_argument("--out", required=True, help="grid folder: <task>/<row>/[<grid point>/]seed<k>/results.json, table.md, summary.png")
+    parser.add_argument("--overwrite", action="store_true", help="rerun cells whose recorded settings differ from the requested ones (default: stop and name them)")
     _add_shared_arguments(parser)
 
 
 @dataclass(frozen=True)
 class Row:
-    spec: str  # as given: NAME[:option=value...]
+    spec: str  # as given: NAME[:option=value[,value...]...]
     method: str
-    argv: tuple[str, ...]  # the options as `c3a glue` flags
+    argv: tuple[str, ...]  # the single-valued options as `c3a glue` flags
+    grid: tuple[tuple[str, tuple[str, ...]], ...] = ()  # options with several values, or the method's default grid
 
     @property
     def label(self) -> str:
@@ -282,18 +292,45 @@ class Row:
     def folder(self) -> str:
         return re.sub(r"[^A-Za-z0-9.-]+", "_", self.spec)
 
+    def points(self) -> list[GridPoint]:
+        return grid_points(self.grid)
 
-def parse_row(spec: str) -> Row:
+
+def parse_row(spec: str, default_grid: bool = False) -> Row:
+    """``NAME[:option=value...]``; ``value1,value2,...`` makes a grid. ``default_grid``: without an ``lr`` option the
+    row takes its method's default grid (:attr:`Method.grid`)."""
     method, *options = spec.split(":")
     if method not in METHODS:
         raise ValueError(f"method {method!r} in {spec!r} is unknown; choose from {', '.join(METHODS)}")
-    argv = []
+    argv, grid = [], []
     for option in options:
         name, equals, value = option.partition("=")
-        if not equals or not name or name.startswith("-"):
-            raise ValueError(f"option {option!r} in {spec!r} must be NAME=VALUE (a `c3a glue` option without dashes)")
-        argv += [f"--{name}", value]
-    return Row(spec, method, tuple(argv))
+        values = tuple(v for v in value.split(",") if v)
+        if not equals or not name or name.startswith("-") or not values:
+            raise ValueError(f"option {option!r} in {spec!r} must be NAME=VALUE[,VALUE...] (a `c3a glue` option without dashes)")
+        if len(values) > 1:
+            grid.append((name, values))
+        else:
+            argv += [f"--{name}", values[0]]
+    named = {name for name, _ in grid} | {a[2:] for a in argv[::2]}
+    if default_grid and "lr" not in named:
+        grid += [(name, values) for name, values in METHODS[method].grid if name not in named]
+    return Row(spec, method, tuple(argv), tuple(grid))
+
+
+def _row_specs(values: list[str]) -> list[str]:
+    """Row specs from ``--methods``: separated by spaces or commas; a comma followed by a value (no method name)
+    continues the previous row's grid (``lora:lr=1e-4,3e-4,c3a`` is two rows)."""
+    specs: list[str] = []
+    for value in values:
+        for piece in value.split(","):
+            if not piece:
+                continue
+            if specs and piece.split(":")[0] not in METHODS and ":" not in piece:
+                specs[-1] += "," + piece
+            else:
+                specs.append(piece)
+    return specs
 
 
 def _shared_argv(args: argparse.Namespace) -> list[str]:
@@ -315,43 +352,126 @@ def _shared_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
+@dataclass(frozen=True)
+class SuiteCell:
+    task: str
+    row: Row
+    point: GridPoint
+    seed: int
+    folder: str
+    argv: tuple[str, ...]
+
+    @property
+    def results_path(self) -> str:
+        return os.path.join(self.folder, "results.json")
+
+
+def _recorded_differences(cell: SuiteCell, requested: argparse.Namespace) -> list[str]:
+    """Settings a finished cell was run with that differ from the requested ones (``out`` aside)."""
+    from c3a.experiments.train import train_config
+
+    with open(cell.results_path) as f:
+        recorded = json.load(f).get("config", {})
+    resolved = train_config(requested, cell.folder)  # defaults resolved as the run resolves them
+    wanted = {**vars(requested), "lr": resolved.lr, "head_lr": resolved.head_lr, "weight_decay": resolved.weight_decay}
+    differences = []
+    for key, value in wanted.items():
+        if key in ("out", "command"):
+            continue
+        value = json.loads(json.dumps(value, default=str))
+        if recorded.get(key) != value:
+            differences.append(f"{key}: {recorded.get(key)!r} → {value!r}")
+    return differences
+
+
+def _load(cell: SuiteCell) -> Optional[dict]:
+    if not os.path.isfile(cell.results_path):
+        return None
+    with open(cell.results_path) as f:
+        return json.load(f)
+
+
+def _choices(cells: list[SuiteCell], select_seeds: list[int]) -> dict[tuple[str, str], Choice]:
+    """Per (task, row) with a grid: the grid point chosen on the selection seeds' validation scores."""
+    from c3a.experiments.report import score
+
+    groups: dict[tuple[str, str], list[SuiteCell]] = {}
+    for cell in cells:
+        if cell.row.grid and cell.seed in select_seeds:
+            groups.setdefault((cell.task, cell.row.spec), []).append(cell)
+    choices = {}
+    for key, group in groups.items():
+        validation: dict[GridPoint, list[float]] = {}
+        for cell in group:
+            results = _load(cell)
+            if results is not None:
+                validation.setdefault(cell.point, []).append(score(results, "validation"))
+        choice = select(validation, group[0].row.points(), len(select_seeds))
+        if choice is not None and not choice.incomplete:
+            choices[key] = choice
+    return choices
+
+
 def run_glue_suite(args: argparse.Namespace) -> int:
     from c3a.experiments.report import Cell, write_report
+    from c3a.experiments.train import write_results
 
     tasks, seeds = _list(args.tasks), [int(s) for s in _list(args.seeds)]
+    select_seeds = [int(s) for s in _list(args.select_seeds)] if args.select_seeds else seeds
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; choose from {', '.join(TASKS)}")
-    rows = [parse_row(spec) for spec in _list(args.methods)]
+    if not set(select_seeds) <= set(seeds):
+        raise ValueError(f"--select-seeds {select_seeds} must be among --seeds {seeds}")
+    rows = [parse_row(spec, default_grid=args.lr is None) for spec in _row_specs(args.methods)]
     shared = _shared_argv(args)
     glue_parser = argparse.ArgumentParser(prog="c3a glue")
     add_glue_arguments(glue_parser)
 
-    cells = []  # seeds outermost: a partial grid already covers every row and task
-    for seed in seeds:
+    cells, requested = [], {}  # seeds outermost: a partial grid already covers every row and task
+    for seed in sorted(seeds, key=lambda s: s not in select_seeds):  # selection seeds first
         for task in tasks:
             for row in rows:
-                folder = os.path.join(args.out, task, row.folder, f"seed{seed}")
-                argv = ["--task", task, "--method", row.method, "--seed", str(seed), "--out", folder, *shared, *row.argv]
-                glue_parser.parse_args(argv)  # a bad option fails now, not after hours of other cells
-                cells.append((task, row, folder, argv))
+                for point in row.points():
+                    folder = os.path.join(args.out, task, row.folder, point.folder, f"seed{seed}")
+                    argv = ("--task", task, "--method", row.method, "--seed", str(seed), "--out", folder,
+                            *shared, *row.argv, *point.argv)  # fmt: skip
+                    cell = SuiteCell(task, row, point, seed, folder, argv)
+                    requested[cell] = glue_parser.parse_args(argv)  # a bad option fails now, not after hours
+                    cells.append(cell)
+    stale = {cell: diff for cell in cells if os.path.isfile(cell.results_path)
+             and (diff := _recorded_differences(cell, requested[cell]))}  # fmt: skip
+    if stale and not args.overwrite:
+        cell, diff = next(iter(stale.items()))
+        raise ValueError(
+            f"{len(stale)} finished cell(s) in {args.out} were run with other settings, e.g. {cell.folder}: "
+            f"{'; '.join(diff)}. Use another --out, or --overwrite to rerun them."
+        )
 
     failed = []
-    for i, (task, row, folder, argv) in enumerate(cells, 1):
-        if os.path.isfile(os.path.join(folder, "results.json")):
-            print(f"[{i}/{len(cells)}] {folder}: done before, skipped", flush=True)
+    for i, cell in enumerate(cells, 1):
+        if cell.row.grid and cell.seed not in select_seeds:
+            choice = _choices([c for c in cells if c.task == cell.task and c.row == cell.row], select_seeds).get(
+                (cell.task, cell.row.spec))
+            if choice is None or choice.point != cell.point:
+                continue  # only the chosen point runs on the other seeds
+        if os.path.isfile(cell.results_path) and cell not in stale:
+            print(f"[{i}/{len(cells)}] {cell.folder}: done before, skipped", flush=True)
             continue
-        print(f"[{i}/{len(cells)}] c3a glue {' '.join(argv)}", flush=True)
+        print(f"[{i}/{len(cells)}] c3a glue {' '.join(cell.argv)}", flush=True)
         # one process per cell: peak RSS is a per-process high-water mark
-        if subprocess.run([sys.executable, "-m", "c3a.cli", "glue", *argv]).returncode != 0:
-            failed.append(folder)
+        if subprocess.run([sys.executable, "-m", "c3a.cli", "glue", *cell.argv]).returncode != 0:
+            failed.append(cell.folder)
 
+    choices = _choices(cells, select_seeds)
     finished = []
-    for task, row, folder, _ in cells:
-        path = os.path.join(folder, "results.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                finished.append(Cell(row.label, TASKS[task].title, json.load(f)))
+    for cell in cells:
+        chosen = choices.get((cell.task, cell.row.spec))
+        if cell.row.grid and (chosen is None or chosen.point != cell.point):
+            continue  # test is read at the chosen point only
+        results = _load(cell)
+        if results is not None:
+            finished.append(Cell(cell.row.label, TASKS[cell.task].title, results))
     if finished:
         write_report(
             finished,
@@ -359,9 +479,43 @@ def run_glue_suite(args: argparse.Namespace) -> int:
             rows=[row.label for row in rows],
             columns=[TASKS[t].title for t in tasks],
             title=f"GLUE, model {args.model}",
+            notes=selection_notes(rows, tasks, choices, select_seeds),
         )
+        write_results(os.path.join(args.out, "selection.json"), {
+            f"{task}/{spec}": {"chosen": c.point.label, "validation_means": {p.label: m for p, m in c.means.items()}}
+            for (task, spec), c in choices.items()
+        })  # fmt: skip
         print(f"table: {os.path.join(args.out, 'table.md')}, chart: {os.path.join(args.out, 'summary.png')}")
     if failed:
         print(f"{len(failed)} cell(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def selection_notes(rows: list[Row], tasks: list[str], choices: dict[tuple[str, str], Choice], select_seeds: list[int]) -> str:
+    """Markdown: per grid row and task, the grid, each point's mean validation score and the chosen point."""
+    gridded = [row for row in rows if row.grid]
+    if not gridded:
+        return ""
+    lines = [
+        "## Hyperparameter selection (validation only)",
+        "",
+        f"Each grid point was trained with seed(s) {', '.join(map(str, select_seeds))}; the point with the best mean "
+        "validation score (best epoch, ×100) was chosen per task (ties: the first listed), and test is reported at "
+        "that point only. Other seeds ran at the chosen point alone.",
+        "",
+        "| Method | grid | " + " | ".join(TASKS[t].title for t in tasks) + " |",
+        "|---|---|" + "---|" * len(tasks),
+    ]
+    for row in gridded:
+        grid = "; ".join(f"{name} ∈ {{{', '.join(values)}}}" for name, values in row.grid)
+        cells = []
+        for task in tasks:
+            choice = choices.get((task, row.spec))
+            if choice is None:
+                cells.append("pending")
+                continue
+            means = ", ".join(f"**{m:.1f}**" if p == choice.point else f"{m:.1f}" for p, m in choice.means.items())
+            cells.append(f"{choice.point.label} ({means})")
+        lines.append(f"| {row.label} | {grid} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

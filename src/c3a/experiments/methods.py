@@ -36,6 +36,8 @@ class Method:
     weight_decay: float
     summary: str
     head_lr: Optional[float] = None  # default learning rate for the task head; None: the same as lr
+    # default grid of a suite row that sets no lr: (`c3a glue` option, values), chosen per task on validation
+    grid: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 def default_targets(model: nn.Module) -> list[str]:

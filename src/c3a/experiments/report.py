@@ -152,12 +152,15 @@ def bar_chart(summary: Summary, path: str, title: Optional[str] = None) -> None:
     plt.close(fig)
 
 
-def write_report(cells: list[Cell], out: str, rows=None, columns=None, title: Optional[str] = None) -> Summary:
-    """``out/table.md`` (test scores, then the validation scores that chose the epochs — and should choose
-    hyperparameters) and ``out/summary.png`` (test) for ``cells``."""
+def write_report(
+    cells: list[Cell], out: str, rows=None, columns=None, title: Optional[str] = None, notes: str = ""
+) -> Summary:
+    """``out/table.md`` (test scores, then the validation scores that chose the epochs and hyperparameters, then
+    ``notes``) and ``out/summary.png`` (test) for ``cells``."""
     summary = summarize(cells, rows, columns)
     validation = summarize(cells, rows, columns, split="validation")
     tables = [markdown_table(summary, title), markdown_table(validation, f"{title or 'Results'}: validation (best epoch)")]
+    tables += [notes] if notes else []
     atomic_write_text(os.path.join(out, "table.md"), "\n".join(tables))
     bar_chart(summary, os.path.join(out, "summary.png"), title)
     return summary

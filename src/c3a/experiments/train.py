@@ -9,6 +9,7 @@ the peak memory of training. Because it is the stock `Trainer`, `torchrun` / `ac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -305,6 +306,7 @@ def add_training_arguments(
     group.add_argument("--warmup-ratio", type=float, default=0.06)
     group.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (autocast)")
     group.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory, more time")
+    group.add_argument("--group-by-length", action="store_true", help="batch examples of similar length together: less padding, faster")
     if seed:
         group.add_argument("--seed", type=int, default=0)
 
@@ -317,6 +319,9 @@ def train_config(args: argparse.Namespace, output_dir: str, **training_args) -> 
     extra = {"gradient_accumulation_steps": args.grad_accum, "bf16": args.bf16}
     if args.max_steps:
         extra["max_steps"] = args.max_steps
+    if args.group_by_length:  # transformers >= 5 names it a sampling strategy
+        fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+        extra.update({"train_sampling_strategy": "group_by_length"} if "train_sampling_strategy" in fields else {"group_by_length": True})
     if args.gradient_checkpointing:  # non-reentrant: adapters get gradients although the embeddings are frozen
         extra.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
     return TrainConfig(
