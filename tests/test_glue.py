@@ -123,15 +123,20 @@ def test_load_task_every_schema(data_dir):
         assert all(isinstance(y, float) for y in labels) if spec.num_labels == 1 else set(labels) <= {0, 1}
 
 
-def test_load_task_errors(tmp_path):
+def test_load_task_errors_name_file_and_line(tmp_path):
     _write_jsonl(tmp_path / "mrpc" / "train.jsonl", [{"sentence": "a b", "label": 0}])
     _write_jsonl(tmp_path / "mrpc" / "validation.jsonl", [{"sentence": "a b", "label": 0}])
-    with pytest.raises(ValueError, match=r"columns \['sentence1', 'sentence2'\] missing"):
+    with pytest.raises(ValueError, match=r"mrpc/train\.jsonl:1: fields \['sentence1', 'sentence2'\] missing"):
         glue.load_task("mrpc", str(tmp_path))
-    _write_jsonl(tmp_path / "sst2" / "train.jsonl", [{"sentence": "a b", "label": 2}])
+    _write_jsonl(tmp_path / "sst2" / "train.jsonl", [{"sentence": "a b", "label": 0}, {"sentence": "a b", "label": 2}])
     _write_jsonl(tmp_path / "sst2" / "validation.jsonl", [{"sentence": "a b", "label": 0}])
-    with pytest.raises(ValueError, match=r"labels must be integers in 0..1, found \[2\]"):
+    with pytest.raises(ValueError, match=r"sst2/train\.jsonl:2: label 2 is not an integer in 0\.\.1"):
         glue.load_task("sst2", str(tmp_path))
+    (tmp_path / "sst2" / "train.jsonl").write_text('{"sentence": "a b", "label": 0}\n\n{"sentence": "a b", "label": \n')
+    with pytest.raises(ValueError, match=r"sst2/train\.jsonl:3: not valid JSON"):
+        glue.load_task("sst2", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="cola/train.jsonl"):
+        glue.load_task("cola", str(tmp_path))
 
 
 def test_make_splits_protocol(data_dir):

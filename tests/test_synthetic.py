@@ -93,7 +93,9 @@ def test_cli_short_run_writes_outputs(tmp_path, capsys):
     assert rerun == next(r for r in results["runs"] if r["method"] == "c3a")
 
 
-def test_cli_rejects_bad_input(tmp_path):
-    with pytest.raises(SystemExit, match="at least 1"):
-        main(["demo", "--out", str(tmp_path), "--seeds", "0"])
+def test_cli_rejects_bad_input(tmp_path, capsys):
+    for option in ("--seeds", "--steps"):
+        with pytest.raises(SystemExit) as exit:
+            main(["demo", "--out", str(tmp_path), option, "0"])
+        assert exit.value.code == 2 and "must be a positive integer" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())

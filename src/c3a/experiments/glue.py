@@ -18,6 +18,8 @@ from typing import Optional
 
 import numpy as np
 
+from c3a.argtypes import nonnegative_int, positive_int
+from c3a.experiments.jsonl import read_jsonl
 from c3a.experiments.methods import METHODS, build_method, trainable_parameters
 from c3a.experiments.selection import Choice, GridPoint, grid_points, select
 
@@ -94,30 +96,36 @@ def compute_metrics(task: Task):
 # -- data -----------------------------------------------------------------------------------------------
 def load_task(task: str, data_dir: Optional[str] = None):
     """``DatasetDict`` with ``train`` and ``validation`` in the HF GLUE schema: from ``data_dir/<task>/*.jsonl``
-    or, without ``data_dir``, from the hub."""
-    from datasets import load_dataset
+    or, without ``data_dir``, from the hub. A bad local row is reported with its file and line."""
+    from datasets import Dataset, DatasetDict, load_dataset
 
     spec = TASKS[task]
     if data_dir is None:
         raw = load_dataset("nyu-mll/glue", task)
-    else:
-        files = {split: os.path.join(data_dir, task, f"{split}.jsonl") for split in ("train", "validation")}
-        missing = [f for f in files.values() if not os.path.isfile(f)]
-        if missing:
-            raise FileNotFoundError(f"--data-dir needs {task}/train.jsonl and {task}/validation.jsonl; missing: {missing}")
-        raw = load_dataset("json", data_files=files)
-    for split in ("train", "validation"):
-        absent = [c for c in (*spec.text_columns, "label") if c not in raw[split].column_names]
+        for split in ("train", "validation"):
+            absent = [c for c in (*spec.text_columns, "label") if c not in raw[split].column_names]
+            if absent:
+                raise ValueError(f"{task} {split}: columns {absent} missing (has {raw[split].column_names})")
+        return raw
+    files = {split: os.path.join(data_dir, task, f"{split}.jsonl") for split in ("train", "validation")}
+    missing = [f for f in files.values() if not os.path.isfile(f)]
+    if missing:
+        raise FileNotFoundError(f"--data-dir needs {task}/train.jsonl and {task}/validation.jsonl; missing: {missing}")
+
+    def check(row: dict) -> Optional[str]:
+        absent = [c for c in (*spec.text_columns, "label") if c not in row]
         if absent:
-            raise ValueError(
-                f"{task} {split}: columns {absent} missing (has {raw[split].column_names}); GLUE {task} needs "
-                f"{list(spec.text_columns)} and 'label'"
-            )
-        if spec.num_labels > 1:
-            bad = sorted(set(raw[split]["label"]) - set(range(spec.num_labels)))
-            if bad:
-                raise ValueError(f"{task} {split}: labels must be integers in 0..{spec.num_labels - 1}, found {bad[:5]}")
-    return raw
+            return f"fields {absent} missing (GLUE {task} needs {list(spec.text_columns)} and 'label')"
+        if any(not isinstance(row[c], str) for c in spec.text_columns):
+            return f"{list(spec.text_columns)} must be strings"
+        label = row["label"]
+        if spec.num_labels == 1:
+            return None if isinstance(label, (int, float)) and not isinstance(label, bool) else f"label {label!r} is not a number"
+        if isinstance(label, bool) or label not in range(spec.num_labels):
+            return f"label {label!r} is not an integer in 0..{spec.num_labels - 1}"
+        return None
+
+    return DatasetDict({split: Dataset.from_list(read_jsonl(path, check)) for split, path in files.items()})
 
 
 def make_splits(
@@ -174,17 +182,17 @@ def _add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     add_method_arguments(parser)
     add_training_arguments(parser, epochs=3, batch_size=32, seed=False)
     data = parser.add_argument_group("data")
-    data.add_argument("--max-length", type=int, default=128, help="tokens per example, longer ones are truncated")
+    data.add_argument("--max-length", type=positive_int, default=128, help="tokens per example, longer ones are truncated")
     data.add_argument("--pad-to-max-length", action="store_true", help="pad every batch to --max-length (fixed shapes for memory measurements)")
-    data.add_argument("--max-train-samples", type=int, help="train on at most this many rows (after carving validation)")
-    data.add_argument("--max-test-samples", type=int, help="test on a fixed random subset of this many rows (same for every run)")
-    data.add_argument("--validation-size", type=int, help="rows carved from train for validation (default: 10%%, at most 1000)")
+    data.add_argument("--max-train-samples", type=positive_int, help="train on at most this many rows (after carving validation)")
+    data.add_argument("--max-test-samples", type=positive_int, help="test on a fixed random subset of this many rows (same for every run)")
+    data.add_argument("--validation-size", type=positive_int, help="rows carved from train for validation (default: 10%%, at most 1000)")
 
 
 def add_glue_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", required=True, choices=sorted(TASKS))
     parser.add_argument("--method", required=True, choices=list(METHODS))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--out", help="output folder (default: c3a-glue/<task>/<method>/seed<seed>)")
     _add_shared_arguments(parser)
 

@@ -18,7 +18,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from c3a.argtypes import positive_int
 from c3a.experiments.answers import SCORERS, Scorer
+from c3a.experiments.jsonl import read_jsonl
 from c3a.experiments.methods import METHODS
 
 
@@ -97,6 +99,10 @@ def load_source(source: str, config: Optional[str] = None):
         builder = _FILE_BUILDERS.get(os.path.splitext(source)[1].lower())
         if builder is None:
             raise ValueError(f"{source}: data files must be one of {', '.join(_FILE_BUILDERS)}")
+        if builder == "json" and source.lower().endswith(".jsonl"):  # bad rows named by file and line
+            from datasets import Dataset, DatasetDict
+
+            return DatasetDict(train=Dataset.from_list(read_jsonl(source)))
         return load_dataset(builder, data_files={"train": source})
     return load_dataset(source, config)
 
@@ -251,11 +257,11 @@ def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
     add_method_arguments(parser)
     add_training_arguments(parser, epochs=1, batch_size=4, head=False)
     data = parser.add_argument_group("data and evaluation")
-    data.add_argument("--max-length", type=int, default=1024, help="tokens per training example (prompt + answer), longer ones are cut")
-    data.add_argument("--max-train-samples", type=int, help="train on at most this many rows")
-    data.add_argument("--validation-size", type=int, help="rows carved from train for the validation loss when there is no validation split (default: 5%%, at most 200)")
-    data.add_argument("--eval-samples", type=int, help="score at most this many test rows; the hold-out size when there is no test split (default: all; hold-out 10%%, at most 500)")
-    data.add_argument("--max-new-tokens", type=int, default=512, help="generation length limit per answer")
+    data.add_argument("--max-length", type=positive_int, default=1024, help="tokens per training example (prompt + answer), longer ones are cut")
+    data.add_argument("--max-train-samples", type=positive_int, help="train on at most this many rows")
+    data.add_argument("--validation-size", type=positive_int, help="rows carved from train for the validation loss when there is no validation split (default: 5%%, at most 200)")
+    data.add_argument("--eval-samples", type=positive_int, help="score at most this many test rows; the hold-out size when there is no test split (default: all; hold-out 10%%, at most 500)")
+    data.add_argument("--max-new-tokens", type=positive_int, default=512, help="generation length limit per answer")
     parser.epilog = "--bf16 also loads the model's weights in bfloat16 (C³A kernels and PEFT's LoRA weights stay fp32)."
 
 

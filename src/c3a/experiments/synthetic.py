@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from c3a.argtypes import positive_int
 from c3a.functional import block_circular_conv
 from c3a.io import atomic_path, atomic_write_text
 
@@ -178,14 +179,12 @@ def plot(runs: list[dict], path: str) -> None:
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="c3a-demo", help="output folder (default: ./c3a-demo)")
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default: 3)")
-    parser.add_argument("--steps", type=int, default=STEPS, help=f"full-batch Adam steps (default: {STEPS})")
+    parser.add_argument("--seeds", type=positive_int, default=3, help="number of seeds, 0..N-1 (default: 3)")
+    parser.add_argument("--steps", type=positive_int, default=STEPS, help=f"full-batch Adam steps (default: {STEPS})")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    if args.seeds < 1 or args.steps < 1:
-        raise SystemExit("c3a demo: --seeds and --steps must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("c3a demo: --device cuda given but no CUDA device is available")
     runs = []

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments
 
+from c3a.argtypes import fraction, nonnegative_float, nonnegative_int, positive_float, positive_int
 from c3a.experiments.methods import METHODS, MethodOptions, is_head_param
 from c3a.io import atomic_write_text
 
@@ -271,16 +272,19 @@ def write_results(path: str, results: dict[str, Any]) -> None:
 
 # -- command-line options shared by the experiment commands ---------------------------------------------
 def _block_size(value: str):
-    return value if value == "auto" else int(value)
+    return value if value == "auto" else positive_int(value)
+
+
+_block_size.__name__ = "block size (a positive integer or 'auto')"
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the registry's methods; each left out keeps the method's default (:func:`method_options`)."""
     group = parser.add_argument_group("method options (default: the registry's)")
     group.add_argument("--block-size", type=_block_size, help="C³A block size, an integer or 'auto' (default 128)")
-    group.add_argument("--rank", type=int, help="LoRA / VeRA rank (default 8)")
-    group.add_argument("--alpha", type=float, help="LoRA alpha (default 2·rank)")
-    group.add_argument("--dropout", type=float, help="LoRA dropout (default 0)")
+    group.add_argument("--rank", type=positive_int, help="LoRA / VeRA rank (default 8)")
+    group.add_argument("--alpha", type=positive_float, help="LoRA alpha (default 2·rank)")
+    group.add_argument("--dropout", type=fraction, help="LoRA dropout (default 0)")
     group.add_argument("--targets", nargs="+", help="modules to adapt (default: PEFT's default for the model type)")
 
 
@@ -295,20 +299,20 @@ def add_training_arguments(
     """Training options read by :func:`train_config`; ``head=False`` for models without a new task head,
     ``seed=False`` where the caller declares ``--seed`` itself (a suite runs several)."""
     group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=float, default=epochs)
-    group.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
-    group.add_argument("--batch-size", type=int, default=batch_size, help="per device")
-    group.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    group.add_argument("--lr", type=float, help="learning rate of the method's parameters (default: the method's)")
+    group.add_argument("--epochs", type=positive_float, default=epochs)
+    group.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps (overrides --epochs)")
+    group.add_argument("--batch-size", type=positive_int, default=batch_size, help="per device")
+    group.add_argument("--grad-accum", type=positive_int, default=1, help="gradient accumulation steps")
+    group.add_argument("--lr", type=positive_float, help="learning rate of the method's parameters (default: the method's)")
     if head:
-        group.add_argument("--head-lr", type=float, help="learning rate of the task head (default: the method's)")
-    group.add_argument("--weight-decay", type=float, help="default: the method's")
-    group.add_argument("--warmup-ratio", type=float, default=0.06)
+        group.add_argument("--head-lr", type=positive_float, help="learning rate of the task head (default: the method's)")
+    group.add_argument("--weight-decay", type=nonnegative_float, help="default: the method's")
+    group.add_argument("--warmup-ratio", type=fraction, default=0.06)
     group.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (autocast)")
     group.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory, more time")
     group.add_argument("--group-by-length", action="store_true", help="batch examples of similar length together: less padding, faster")
     if seed:
-        group.add_argument("--seed", type=int, default=0)
+        group.add_argument("--seed", type=nonnegative_int, default=0)
 
 
 def train_config(args: argparse.Namespace, output_dir: str, **training_args) -> TrainConfig:

@@ -17,6 +17,7 @@ from typing import Optional
 
 import numpy as np
 
+from c3a.argtypes import nonnegative_int, positive_int
 from c3a.experiments.methods import METHODS
 
 
@@ -105,9 +106,9 @@ def add_vit_arguments(parser: argparse.ArgumentParser) -> None:
     add_method_arguments(parser)
     add_training_arguments(parser, epochs=10, batch_size=64)
     data = parser.add_argument_group("data")
-    data.add_argument("--validation-size", type=int, help="rows carved from train for validation when needed (default: 10%%, at most 1000)")
-    data.add_argument("--max-train-samples", type=int, help="train on at most this many rows")
-    data.add_argument("--num-workers", type=int, default=4, help="data-loader processes decoding images")
+    data.add_argument("--validation-size", type=positive_int, help="rows carved from train for validation when needed (default: 10%%, at most 1000)")
+    data.add_argument("--max-train-samples", type=positive_int, help="train on at most this many rows")
+    data.add_argument("--num-workers", type=nonnegative_int, default=4, help="data-loader processes decoding images")
 
 
 def run_vit(args: argparse.Namespace) -> int:
