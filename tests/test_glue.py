@@ -313,6 +313,30 @@ def test_suite_is_resumable_and_writes_table_and_chart(model_dir, data_dir, tmp_
     assert [c.stat().st_mtime_ns for c in cells] == mtimes
 
 
+def test_suite_grid_selects_on_validation_and_resumes(model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "grid"
+    argv = ["glue-suite", "--model", model_dir, "--data-dir", data_dir, "--tasks", "sst2", "--seeds", "0", "1",
+            "--select-seeds", "0", "--methods", "head:head-lr=1e-4,5e-2", "--out", str(out), *RUN]  # fmt: skip
+    assert main(argv) == 0
+    row = out / "sst2" / "head_head-lr_1e-4_5e-2"
+    validation = {p: json.loads((row / p / "seed0" / "results.json").read_text())["validation"]["accuracy"]
+                  for p in ("head-lr=1e-4", "head-lr=5e-2")}  # fmt: skip
+    chosen = max(validation, key=lambda p: (validation[p], p == "head-lr=1e-4"))  # ties: the first listed
+    other = next(p for p in validation if p != chosen)
+    assert (row / chosen / "seed1" / "results.json").exists() and not (row / other / "seed1").exists()
+    selection = json.loads((out / "selection.json").read_text())["sst2/head:head-lr=1e-4,5e-2"]
+    assert selection["chosen"] == chosen.replace("=", "=")
+    table = (out / "table.md").read_text()
+    assert "## Hyperparameter selection (validation only)" in table and "head-lr ∈ {1e-4, 5e-2}" in table
+    test_scores = [json.loads((row / chosen / f"seed{k}" / "results.json").read_text())["test"]["accuracy"] for k in (0, 1)]
+    assert f"{100 * np.mean(test_scores):.1f} ± {100 * np.std(test_scores, ddof=1):.1f}" in table.splitlines()[4]
+    capsys.readouterr()
+    assert main(argv) == 0  # resumable: nothing runs again
+    assert capsys.readouterr().out.count("done before, skipped") == 3
+    with pytest.raises(ValueError, match=r"epochs: 1\.0 → 2\.0"):  # other settings into the same folder: stop
+        main([*argv, "--epochs", "2"])
+
+
 def test_suite_checks_every_cell_before_running(model_dir, tmp_path):
     with pytest.raises(SystemExit):
         main(["glue-suite", "--model", model_dir, "--tasks", "sst2", "--methods", "head", "c3a:no-such-option=1",
