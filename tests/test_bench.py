@@ -4,7 +4,9 @@ import pytest
 from transformers import RobertaConfig
 
 from c3a.cli import main
-from c3a.experiments.bench import Spec, _add_ratios
+import torch
+
+from c3a.experiments.bench import Spec, _add_ratios, build_model, operator_grid, operator_table
 
 
 def test_spec_parse_and_label():
@@ -53,7 +55,8 @@ def test_bench_smoke(tmp_path, tiny_roberta_dir):
     assert by["lora"]["ratio_to_lora"] == 1.0
     (op,) = result["operator"]
     assert (op["d_in"], op["block_size"], op["tokens"]) == (64, 32, 8)
-    assert set(op["ms"]) == {"frozen", "lora", "c3a", "c3a_fft", "peft_c3a"}
+    assert set(op["ms"]) == {"frozen", "lora", "peft_c3a", "c3a", "c3a_fft", "c3a_fold"}  # fp32: no DFT path
+    assert max(op["check_rel_err"].values()) < 1e-5
     assert "| c3a (b=32) |" in (out / "table.md").read_text()
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -61,3 +64,25 @@ def test_bench_smoke(tmp_path, tiny_roberta_dir):
 def test_bench_names_failing_method(tmp_path, tiny_roberta_dir):
     with pytest.raises(RuntimeError, match=r"c3a \(b=5\).*block_size 5"):
         main(["bench", "--model", tiny_roberta_dir, "--methods", "c3a:5", "--rounds", "1", "--out", str(tmp_path)])
+
+
+def test_operator_grid_half_precision_autocast():
+    """bf16 weights under autocast: LoRA with fp32 and with bf16 adapters, PEFT's C3A, and each C³A path (the
+    DFT path only for even b), every path first checked against float64."""
+    rows = operator_grid("cpu", torch.bfloat16, [(40, 80)], [8, 5], [16], reps=2, warmup=1, lora_rank=4, autocast=True)
+    even, odd = rows
+    assert set(even["ms"]) == {"frozen", "lora", "lora_half", "peft_c3a", "c3a", "c3a_dft", "c3a_fft"}
+    assert set(odd["ms"]) == {"frozen", "lora", "lora_half", "peft_c3a", "c3a", "c3a_fft"}
+    assert even["lora_rank"] == 4 and even["adapter_ratio_to_lora"]["lora"] == 1.0
+    assert even["check_rel_err"]["dft"] < 17 * 2**-8 and odd["check_rel_err"]["fft"] < 17 * 2**-8
+    assert even["peak_extra_mib"]["c3a"] is None  # measured on CUDA only
+    table = operator_table(rows)
+    assert "C³A DFT-GEMM" in table and "under bf16 autocast" in table
+
+
+def test_half_adapter_spec_keeps_trainable_weights_in_bf16(tiny_roberta_dir):
+    net = build_model(tiny_roberta_dir, Spec.parse("lora-bf16:4"), 1, torch.bfloat16, "cpu")
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.bfloat16 for p in trainable)
+    default = build_model(tiny_roberta_dir, Spec.parse("lora:4"), 1, torch.bfloat16, "cpu")
+    assert all(p.dtype == torch.float32 for p in default.parameters() if p.requires_grad)  # PEFT's default

@@ -59,6 +59,8 @@ PAPER_MODELS: dict[str, Callable[[], PretrainedConfig]] = {
     "llama2-7b": lambda: _llama(4096, 32, 32, 32, 11008, 32000, 4096),
     "llama2-13b": lambda: _llama(5120, 40, 40, 40, 13824, 32000, 4096),
     "llama3-8b": lambda: _llama(4096, 32, 32, 8, 14336, 128256, 8192, rope_theta=500000.0),
+    # a small Llama for CPU benchmarks (TinyLlama-1.1B's published shape: GQA with 4 KV heads)
+    "tinyllama-1.1b": lambda: _llama(2048, 22, 32, 4, 5632, 32000, 2048),
     "vit-base": lambda: _vit(768, 12, 12),
     "vit-large": lambda: _vit(1024, 24, 16),
 }

@@ -4,6 +4,11 @@ Every method runs in its own worker process (so each one's peak memory is its ow
 alive at once, and the parent interleaves them: round after round, each worker runs one timed step
 while the others wait. Machine noise thus hits all methods alike; ratios to LoRA are taken per round
 (paired) and their median reported. Models are built from configs with random weights (no download).
+
+The operator grid times one adapted layer's forward + backward through the public functional entry points
+(``base(x)`` then :func:`c3a.functional.add_block_circular_conv`, each path forced in turn) against PEFT's LoRA
+and C3A layers, interleaved round by round, with CUDA events on GPU; each C³A path is first checked against a
+float64 dense reference.
 """
 
 from __future__ import annotations
@@ -16,19 +21,25 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
 
+from c3a.functional import add_block_circular_conv, block_circulant_linear, circulant_matrix
 from c3a.io import atomic_path, atomic_write_text
 
 DEFAULT_METHODS = "frozen,lora:8,c3a:128,c3a:768,peft-c3a:128,vera:256,boft,ia3,bitfit,full"
 
 
+HALF_ADAPTER_SUFFIX = "-bf16"  # e.g. "lora-bf16:32": PEFT's LoRA with its adapter weights kept in bf16
+
+
 @dataclass(frozen=True)
 class Spec:
-    """``name[:value]``: the value is the block size for C³A methods, the rank for LoRA/VeRA."""
+    """``name[:value]``: the value is the block size for C³A methods, the rank for LoRA/VeRA. A name ending in
+    ``-bf16`` is the registry's method with its trainable weights cast to bf16 (PEFT's default keeps adapter
+    weights in fp32 on a bf16 model)."""
 
     name: str
     value: Optional[int] = None
@@ -65,7 +76,13 @@ def build_model(model: str, spec: Spec, layers: Optional[int], dtype: torch.dtyp
     options = MethodOptions()
     if spec.value is not None:
         options.block_size = options.rank = spec.value
-    return build_method(net, spec.name, options)
+    name = spec.name.removesuffix(HALF_ADAPTER_SUFFIX)
+    net = build_method(net, name, options)
+    if name != spec.name:
+        for p in net.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    return net
 
 
 def _peak_memory(device: str) -> tuple[int, str]:
@@ -74,7 +91,12 @@ def _peak_memory(device: str) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_peak_rss"
 
 
-def _worker(conn, model, spec, layers, batch, seq, dtype, device, threads):
+def _autocast(device: str, enabled: bool):
+    """bf16 autocast on ``device`` (a no-op context when not ``enabled``)."""
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=enabled)
+
+
+def _worker(conn, model, spec, layers, batch, seq, dtype, device, threads, autocast=False):
     """Build one method's model, then run a training step whenever the parent asks."""
     try:
         if threads:
@@ -90,7 +112,8 @@ def _worker(conn, model, spec, layers, batch, seq, dtype, device, threads):
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            hidden = net(input_ids=ids).last_hidden_state
+            with _autocast(device, autocast):
+                hidden = net(input_ids=ids).last_hidden_state
             hidden.float().pow(2).mean().backward()
             if optimizer:
                 optimizer.step()
@@ -111,12 +134,13 @@ def _worker(conn, model, spec, layers, batch, seq, dtype, device, threads):
         conn.close()
 
 
-def time_methods(model, specs, layers, batch, seq, dtype, device, threads, warmup, rounds) -> list[dict]:
+def time_methods(model, specs, layers, batch, seq, dtype, device, threads, warmup, rounds, autocast=False) -> list[dict]:
     ctx = mp.get_context("spawn")
     workers = []
     for spec in specs:
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(child, model, spec, layers, batch, seq, dtype, device, threads), daemon=True)
+        args = (child, model, spec, layers, batch, seq, dtype, device, threads, autocast)
+        proc = ctx.Process(target=_worker, args=args, daemon=True)
         proc.start()
         workers.append((spec, parent, proc))
     rows = []
@@ -166,18 +190,30 @@ def _add_ratios(rows: list[dict], key: str) -> None:
 
 
 # -- operator micro-benchmark --------------------------------------------------------------------------------
-def _median_time(fn, device: str, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+def _timer(device: str) -> Callable[[Callable[[], None]], float]:
+    """Seconds one call of ``fn`` takes: CUDA events around it on GPU (device time, no host jitter), else a
+    monotonic clock."""
+    if device.startswith("cuda"):
+        def run(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        return run
+
+    def run(fn):
         start = time.perf_counter()
         fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return time.perf_counter() - start
+    return run
+
+
+def _median_time(fn, device: str, reps: int) -> float:
+    timer = _timer(device)
+    fn()
+    return statistics.median(timer(fn) for _ in range(reps))
 
 
 def copy_bandwidth(device: str, dtype: torch.dtype) -> float:
@@ -187,59 +223,128 @@ def copy_bandwidth(device: str, dtype: torch.dtype) -> float:
     return 2 * x.numel() * x.element_size() / seconds
 
 
-def operator_grid(device: str, dtype: torch.dtype, shapes, block_sizes, token_counts, reps: int) -> list[dict]:
-    """Forward+backward of one adapted layer: our C³A layer (auto path), its FFT path, PEFT's C3A and
-    LoRA with the same parameter budget, over (d_in, d_out, b, tokens)."""
-    from peft.tuners.c3a.utils import BlockCircularConvolution
+def _peak_extra_bytes(fn, device: str) -> Optional[int]:
+    """Peak device memory one call allocates beyond what is already held (CUDA only)."""
+    if not device.startswith("cuda"):
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
 
-    from c3a import layer as layer_mod
-    from c3a.layer import C3ALinear
 
+def check_against_float64(x, kernel, grad, paths, autocast: bool) -> dict[str, float]:
+    """Normwise relative error (forward delta, input and kernel gradient; the worst of the three) of each C³A
+    path against the float64 dense ``x @ C(k)ᵀ``, on the given (few) tokens. A wrong path errs by O(1)."""
+    x64 = x.detach().double().requires_grad_()
+    k64 = kernel.detach().double().requires_grad_()
+    ref = x64 @ circulant_matrix(k64).T
+    ref.backward(grad.double())
+    errors = {}
+    for path in paths:
+        xp, kp = x.detach().requires_grad_(), kernel.detach().requires_grad_()
+        with _autocast(x.device.type, autocast):
+            y = add_block_circular_conv(torch.zeros_like(grad), xp, [kp], path=path)
+        y.backward(grad)
+        errors[path] = max(
+            ((a.double() - b).norm() / b.norm()).item() for a, b in [(y, ref), (xp.grad, x64.grad), (kp.grad, k64.grad)]
+        )
+    return errors
+
+
+def _lora_layer(base, rank: int, dtype: torch.dtype):
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear as LoraLinear
+
+    config = LoraConfig(r=rank, lora_alpha=2 * rank)
+    layer = LoraLinear(base, "default", config, r=rank, lora_alpha=2 * rank)
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02)  # not zero: the real backward shapes
+    for module in (layer.lora_A, layer.lora_B):
+        module.to(dtype)
+    return layer
+
+
+def _peft_c3a_layer(base, block_size: int):
+    from peft import C3AConfig as PeftC3AConfig
+    from peft.tuners.c3a import C3ALinear as PeftC3ALinear
+
+    config = PeftC3AConfig(block_size=block_size, init_weights="xavier_uniform")
+    return PeftC3ALinear(base, "default", config, block_size=block_size)
+
+
+def operator_grid(device: str, dtype: torch.dtype, shapes, block_sizes, token_counts, reps: int,
+                  warmup: int = 2, lora_rank: Optional[int] = None, autocast: bool = False) -> list[dict]:
+    """Forward + backward of one adapted layer over (d_in, d_out, b, tokens), every method once per round,
+    rounds interleaved. Methods: the frozen layer alone; PEFT's LoRA (rank ``lora_rank``, default the rank with
+    C³A's parameter count) with fp32 adapter weights (PEFT's default) and with adapters in ``dtype``; PEFT's
+    C3A layer; ours through :func:`add_block_circular_conv` — its own choice ("c3a") and each path forced
+    ("c3a_dft" in half precision, "c3a_fft", and for fp32 weights without autocast the layer's folded GEMM,
+    "c3a_fold"). ``adapter_ms`` is the median over rounds of (method − frozen) in the same round."""
+    half = dtype in (torch.float16, torch.bfloat16) or autocast
     rows = []
     bandwidth = copy_bandwidth(device, dtype)
     grid = [(s, b, t) for s in shapes for b in block_sizes for t in token_counts if s[0] % b == 0 and s[1] % b == 0]
+    timer = _timer(device)
     for (d_in, d_out), b, tokens in tqdm(grid, desc="operator grid"):
         torch.manual_seed(0)
         base = torch.nn.Linear(d_in, d_out).to(device, dtype).requires_grad_(False)
-        layer = C3ALinear(base)
-        layer.add_adapter("a", b)
-        layer.active_adapters = ["a"]
-        kernel = layer.c3a_kernel["a"]
-        rank = max(1, round(d_in * d_out / b / (d_in + d_out)))  # LoRA rank with the same budget
-        lora_a = torch.randn(rank, d_in, device=device, dtype=dtype, requires_grad=True)
-        lora_b = torch.zeros(d_out, rank, device=device, dtype=dtype, requires_grad=True)
+        rank = lora_rank or max(1, round(d_in * d_out / b / (d_in + d_out)))
+        bound = (6 / (d_in + d_out)) ** 0.5  # xavier, as the layer initialises kernels
+        kernel = torch.empty(d_out // b, d_in // b, b, device=device).uniform_(-bound, bound).requires_grad_()
         x = torch.randn(tokens, d_in, device=device, dtype=dtype, requires_grad=True)
         grad = torch.randn(tokens, d_out, device=device, dtype=dtype)
+        paths = (["dft"] if half and b % 2 == 0 else []) + ["fft"]
+        few = min(tokens, 256)
+        check = check_against_float64(x[:few], kernel / d_in, grad[:few], paths, autocast)
+        if max(check.values()) > 0.1:
+            raise RuntimeError(f"C³A path disagrees with the float64 reference at {(d_in, d_out, b)}: {check}")
+        lora = _lora_layer(base, rank, torch.float32)
+        lora_half = _lora_layer(base, rank, dtype) if dtype != torch.float32 else None
+        peft_c3a = _peft_c3a_layer(base, b)
 
-        def ours():
-            layer(x).backward(grad)
+        def step(forward):
+            def run():
+                x.grad = kernel.grad = None
+                with _autocast(device, autocast):
+                    y = forward()
+                y.backward(grad)
+            return run
 
-        def ours_fft():
-            fold, layer_mod.FOLD_RATIO = layer_mod.FOLD_RATIO, 0
-            try:
-                layer(x).backward(grad)
-            finally:
-                layer_mod.FOLD_RATIO = fold
+        def ours(path=None):
+            return lambda: add_block_circular_conv(base(x), x, [kernel / d_in], path=path)
 
-        def peft():
-            y = base(x) + BlockCircularConvolution.apply(x.float(), kernel).to(dtype) / d_in
-            y.backward(grad)
-
-        def lora():
-            (base(x) + (x @ lora_a.T) @ lora_b.T).backward(grad)
-
-        def frozen():
-            base(x).backward(grad)
-
-        times = {name: _median_time(fn, device, reps) for name, fn in
-                 [("frozen", frozen), ("lora", lora), ("c3a", ours), ("c3a_fft", ours_fft), ("peft_c3a", peft)]}
+        methods = {"frozen": step(lambda: base(x)), "lora": step(lambda: lora(x))}
+        if lora_half is not None:
+            methods["lora_half"] = step(lambda: lora_half(x))
+        methods["peft_c3a"] = step(lambda: peft_c3a(x))
+        methods["c3a"] = step(ours())
+        for path in paths:
+            methods[f"c3a_{path}"] = step(ours(path))
+        if not half:
+            methods["c3a_fold"] = step(lambda: block_circulant_linear(x, base.weight, base.bias, [kernel / d_in]))
+        peak = {name: _peak_extra_bytes(fn, device) for name, fn in methods.items()}
+        times = {name: [] for name in methods}
+        for r in range(warmup + reps):
+            for name, fn in methods.items():
+                t = timer(fn)
+                if r >= warmup:
+                    times[name].append(t)
+        above = {k: [t - f for t, f in zip(v, times["frozen"])] for k, v in times.items() if k != "frozen"}
         # Minimal traffic of the adapter alone: read x, write its output, read both back in backward.
         io_bytes = 2 * tokens * (d_in + d_out) * x.element_size()
         rows.append({
             "d_in": d_in, "d_out": d_out, "block_size": b, "tokens": tokens, "lora_rank": rank,
-            "ms": {k: 1e3 * v for k, v in times.items()},
-            "adapter_ms": {k: 1e3 * (v - times["frozen"]) for k, v in times.items() if k != "frozen"},
-            "c3a_fft_bandwidth_fraction": io_bytes / max(times["c3a_fft"] - times["frozen"], 1e-9) / bandwidth,
+            "dtype": str(dtype).removeprefix("torch."), "autocast": autocast,
+            "check_rel_err": check,
+            "ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
+            "adapter_ms": {k: 1e3 * statistics.median(v) for k, v in above.items()},
+            "adapter_ratio_to_lora": {
+                k: statistics.median(a / max(lo, 1e-9) for a, lo in zip(v, above["lora"])) for k, v in above.items()
+            },
+            "peak_extra_mib": {k: None if v is None else v / 2**20 for k, v in peak.items()},
+            "c3a_bandwidth_fraction": io_bytes / max(statistics.median(above["c3a"]), 1e-9) / bandwidth,
         })
     return rows
 
@@ -252,7 +357,8 @@ def _fmt_bytes(n: int) -> str:
 def step_table(result: dict) -> str:
     lines = [
         f"Training step, {result['model']} ({result['layers'] or 'all'} layers), batch {result['batch']}×{result['seq']}, "
-        f"{result['dtype']}, {result['device_name']}, {result['threads']} threads; "
+        f"{result['dtype']}{' under bf16 autocast' if result.get('autocast') else ''}, {result['device_name']}, "
+        f"{result['threads']} threads; "
         f"{result['rounds']} interleaved rounds. Memory: {result['memory_kind']}.",
         "",
         "| method | trainable params | step ms (median [p25, p75]) | × LoRA (median of paired ratios [IQR]) | peak memory | memory × LoRA |",
@@ -268,19 +374,40 @@ def step_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+OPERATOR_LABELS = {
+    "lora": "LoRA (fp32 adapters)", "lora_half": "LoRA (adapters in the layer's dtype)", "peft_c3a": "PEFT C3A",
+    "c3a": "C³A (auto)", "c3a_dft": "C³A DFT-GEMM", "c3a_fft": "C³A FFT", "c3a_fold": "C³A folded",
+}
+
+
 def operator_table(rows: list[dict]) -> str:
+    """One line per (shape, b, tokens): the frozen layer's ms, then each method's ms above it and, in brackets,
+    its paired ratio to LoRA's; peak memory beyond the inputs where measured (GPU); the check against float64."""
+    methods = [m for m in OPERATOR_LABELS if any(m in r["adapter_ms"] for r in rows)]
+    r0 = rows[0]
     lines = [
-        "Adapter cost of one layer, forward + backward, ms above the frozen layer (median):",
+        f"One layer, forward + backward, {r0['dtype']}{' under bf16 autocast' if r0['autocast'] else ''}: "
+        "ms above the frozen layer (median of paired differences) [× LoRA's, median of paired ratios]:",
         "",
-        "| d_in×d_out | b | tokens | LoRA r (same params) | LoRA | C³A (auto) | C³A FFT path | PEFT C3A | FFT path, fraction of copy bandwidth |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| d_in×d_out | b | tokens | LoRA r | frozen ms | " + " | ".join(OPERATOR_LABELS[m] for m in methods) + " |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(methods),
     ]
     for r in rows:
-        a = r["adapter_ms"]
-        lines.append(
-            f"| {r['d_in']}×{r['d_out']} | {r['block_size']} | {r['tokens']} | {r['lora_rank']} | {a['lora']:.2f} | "
-            f"{a['c3a']:.2f} | {a['c3a_fft']:.2f} | {a['peft_c3a']:.2f} | {r['c3a_fft_bandwidth_fraction']:.2f} |"
-        )
+        cells = [f"{r['adapter_ms'][m]:.2f} [{r['adapter_ratio_to_lora'][m]:.2f}]" if m in r["adapter_ms"] else "–"
+                 for m in methods]
+        lines.append(f"| {r['d_in']}×{r['d_out']} | {r['block_size']} | {r['tokens']} | {r['lora_rank']} | "
+                     f"{r['ms']['frozen']:.1f} | " + " | ".join(cells) + " |")
+    if r0["peak_extra_mib"]["frozen"] is not None:
+        lines += ["", "Peak memory of one forward + backward beyond the inputs (MiB):", "",
+                  "| d_in×d_out | b | tokens | frozen | " + " | ".join(OPERATOR_LABELS[m] for m in methods) + " |",
+                  "|---|---:|---:|---:|" + "---:|" * len(methods)]
+        for r in rows:
+            cells = [f"{r['peak_extra_mib'][m]:.0f}" if m in r["peak_extra_mib"] else "–" for m in ["frozen", *methods]]
+            lines.append(f"| {r['d_in']}×{r['d_out']} | {r['block_size']} | {r['tokens']} | " + " | ".join(cells) + " |")
+    lines += ["", "Checked first against float64 (`x @ C(k)ᵀ`, forward and both gradients, worst normwise relative "
+              "error): " + "; ".join(
+                  f"{r['d_in']}×{r['d_out']} b={r['block_size']}: " + ", ".join(f"{p} {e:.1e}" for p, e in r["check_rel_err"].items())
+                  for r in rows if r["tokens"] == rows[0]["tokens"])]
     return "\n".join(lines) + "\n"
 
 
@@ -290,26 +417,27 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = 2 + bool(result.get("operator"))
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
-    methods = result["methods"]
-    labels = [m["label"] for m in methods]
-    colors = ["tab:red" if "c3a" in m["method"] else "tab:gray" for m in methods]
-    axes[0].barh(labels, [m["median_ms"] for m in methods], color=colors,
-                 xerr=[[m["median_ms"] - m["p25_ms"] for m in methods], [m["p75_ms"] - m["median_ms"] for m in methods]])
-    for i, m in enumerate(methods):
-        if "ratio_to_lora" in m:
-            axes[0].annotate(f"×{m['ratio_to_lora']:.2f}", (m["median_ms"], i), xytext=(4, -10),
-                             textcoords="offset points", fontsize=8)
-    axes[0].set_xlabel("training step (ms, median and IQR; × LoRA, paired)")
-    axes[0].invert_yaxis()
-    axes[1].barh(labels, [m["peak_memory_bytes"] / 2**30 for m in methods], color=colors)
-    axes[1].set_xlabel(f"peak memory (GiB, {result['memory_kind']})")
-    axes[1].invert_yaxis()
-    axes[1].set_yticklabels([])
-    if result.get("operator"):
-        ax = axes[2]
-        rows = result["operator"]
+    methods, rows = result["methods"], result.get("operator")
+    panels = 2 * bool(methods) + bool(rows)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2), squeeze=False)
+    axes = list(axes[0])
+    if methods:
+        labels = [m["label"] for m in methods]
+        colors = ["tab:red" if "c3a" in m["method"] else "tab:gray" for m in methods]
+        axes[0].barh(labels, [m["median_ms"] for m in methods], color=colors,
+                     xerr=[[m["median_ms"] - m["p25_ms"] for m in methods], [m["p75_ms"] - m["median_ms"] for m in methods]])
+        for i, m in enumerate(methods):
+            if "ratio_to_lora" in m:
+                axes[0].annotate(f"×{m['ratio_to_lora']:.2f}", (m["median_ms"], i), xytext=(4, -10),
+                                 textcoords="offset points", fontsize=8)
+        axes[0].set_xlabel("training step (ms, median and IQR; × LoRA, paired)")
+        axes[0].invert_yaxis()
+        axes[1].barh(labels, [m["peak_memory_bytes"] / 2**30 for m in methods], color=colors)
+        axes[1].set_xlabel(f"peak memory (GiB, {result['memory_kind']})")
+        axes[1].invert_yaxis()
+        axes[1].set_yticklabels([])
+    if rows:
+        ax = axes[-1]
         shape = (rows[0]["d_in"], rows[0]["d_out"])
         for b in sorted({r["block_size"] for r in rows}):
             sel = [r for r in rows if (r["d_in"], r["d_out"]) == shape and r["block_size"] == b]
@@ -318,7 +446,8 @@ def plot(result: dict, path: str) -> None:
         ax.plot([r["tokens"] for r in sel], [r["adapter_ms"]["lora"] for r in sel], "k--", label=f"LoRA r={sel[0]['lora_rank']}")
         ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel="adapter ms (fwd+bwd)", title=f"one {shape[0]}×{shape[1]} layer")
         ax.legend(fontsize=8)
-    fig.suptitle(f"{result['model']}, batch {result['batch']}×{result['seq']}, {result['device_name']}")
+    title = f"{result['model']}, batch {result['batch']}×{result['seq']}, " if methods else ""
+    fig.suptitle(f"{title}{result['device_name']}")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
@@ -339,39 +468,50 @@ def add_bench_arguments(p) -> None:
     p.add_argument("--layers", type=int, default=None, help="number of layers (default: the model's; e.g. 2 for LLaMA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated name[:b or r] (default: {DEFAULT_METHODS})")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help=f"comma-separated name[:b or r]; a name ending in -bf16 keeps that method's trainable weights "
+                        f"in bf16 (e.g. lora-bf16:32); empty: operator grid only (default: {DEFAULT_METHODS})")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
+    p.add_argument("--autocast", action="store_true", help="run forward passes under torch.autocast(bfloat16)")
     p.add_argument("--operator", action="store_true", help="also run the operator micro-benchmark")
     p.add_argument("--op-shapes", default="768x768,1024x1024,4096x4096")
     p.add_argument("--op-blocks", default="64,128,256")
     p.add_argument("--op-tokens", default="64,256,1024,4096")
-    p.add_argument("--op-reps", type=int, default=10)
+    p.add_argument("--op-reps", type=int, default=10, help="interleaved timed rounds per grid point")
+    p.add_argument("--op-lora-rank", type=int, default=None,
+                   help="LoRA rank in the operator grid (default: the rank with C³A's parameter count)")
     p.add_argument("--out", default="c3a-bench")
 
 
 def run_bench(args) -> int:
     specs = [Spec.parse(s) for s in args.methods.split(",") if s]
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    rows = time_methods(args.model, specs, args.layers, args.batch, args.seq, dtype, args.device, args.threads, args.warmup, args.rounds)
+    if not specs and not args.operator:
+        raise ValueError("nothing to run: give --methods or --operator")
+    rows = time_methods(args.model, specs, args.layers, args.batch, args.seq, dtype, args.device, args.threads,
+                        args.warmup, args.rounds, args.autocast) if specs else []
+    if args.threads:  # the operator grid runs in this process
+        torch.set_num_threads(args.threads)
     result = {
         "experiment": "bench", "model": args.model, "layers": args.layers, "batch": args.batch, "seq": args.seq,
-        "dtype": dtype, "device": args.device, "device_name": _device_name(args.device),
+        "dtype": dtype, "autocast": args.autocast, "device": args.device, "device_name": _device_name(args.device),
         "threads": args.threads or torch.get_num_threads(), "rounds": args.rounds,
-        "memory_kind": rows[0]["memory_kind"], "methods": rows,
+        "memory_kind": rows[0]["memory_kind"] if rows else None, "methods": rows,
     }
     if args.operator:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.op_shapes.split(",")]
         result["operator"] = operator_grid(
             args.device, getattr(torch, dtype), shapes, [int(b) for b in args.op_blocks.split(",")],
-            [int(t) for t in args.op_tokens.split(",")], args.op_reps,
+            [int(t) for t in args.op_tokens.split(",")], args.op_reps, lora_rank=args.op_lora_rank,
+            autocast=args.autocast,
         )
     os.makedirs(args.out, exist_ok=True)
     atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(result, indent=2))
-    table = step_table(result) + ("\n" + operator_table(result["operator"]) if args.operator else "")
+    table = "\n".join(([step_table(result)] if rows else []) + ([operator_table(result["operator"])] if args.operator else []))
     atomic_write_text(os.path.join(args.out, "table.md"), table)
     plot(result, os.path.join(args.out, "bench.png"))
     print(table)
