@@ -54,12 +54,17 @@ def test_both_layer_paths_exact(monkeypatch, fold_ratio, base_cls):
     assert torch.autograd.gradcheck(lambda x, *_: layer(x), params)
 
 
-def test_layer_kernel_stays_fp32_with_bf16_base():
+@pytest.mark.parametrize("kernel_dtype", [torch.float32, torch.bfloat16])  # get_peft_model's autocast or not
+def test_bf16_base_any_kernel_dtype(kernel_dtype):
     layer = _layer(nn.Linear(16, 16).to(torch.bfloat16), ("a", 4))
+    assert layer.c3a_kernel["a"].dtype == torch.bfloat16  # PEFT's contract: the base layer's dtype ...
+    layer.c3a_kernel["a"] = nn.Parameter(layer.c3a_kernel["a"].to(kernel_dtype))  # ... until autocast makes it fp32
     x = torch.randn(2, 16, dtype=torch.bfloat16)
     y = layer(x)
-    assert layer.c3a_kernel["a"].dtype == torch.float32 and y.dtype == torch.bfloat16
-    ref = layer.base_layer(x).float() + x.float() @ (circulant_matrix(layer.c3a_kernel["a"].detach()) / 16).T
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.c3a_kernel["a"].grad.dtype == kernel_dtype
+    ref = layer.base_layer(x).float() + x.float() @ (circulant_matrix(layer.c3a_kernel["a"].detach().float()) / 16).T
     # bf16 output: one rounding (2^-8 relative) of values of size ~|ref|, plus the bf16 base GEMM over 16 terms
     torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2)
 
@@ -121,6 +126,6 @@ def test_merge_refuses_non_finite_and_leaves_base_untouched():
     before = layer.base_layer.weight.detach().clone()
     with torch.no_grad():
         layer.c3a_kernel["a"][0, 0, 0] = float("inf")
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(ValueError, match="NaNs detected in the merged weights. The adapter a seems to be broken"):
         layer.merge()
     assert torch.equal(layer.base_layer.weight, before) and not layer.merged

@@ -388,3 +388,23 @@ def test_real_pretrained_minilm_round_trip_with_peft_reference(tmp_path):
         theirs = PeftModel.from_pretrained(AutoModel.from_pretrained(path).eval(), tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(theirs(**batch).last_hidden_state, ours, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_adapter_dtype_follows_peft(tiny_bert, autocast):
+    base = copy.deepcopy(tiny_bert).to(torch.bfloat16)
+    model = get_peft_model(base, C3AConfig(block_size=8, target_modules=QV), autocast_adapter_dtype=autocast)
+    dtypes = {layer.c3a_kernel["default"].dtype for _, layer in c3a_layers(model)}
+    assert dtypes == {torch.float32 if autocast else torch.bfloat16}
+    ids = torch.randint(0, 100, (2, 5))
+    model(input_ids=ids, labels=torch.tensor([0, 1])).loss.backward()  # either way the operator runs (in fp32)
+    assert all(layer.c3a_kernel["default"].grad is not None for _, layer in c3a_layers(model))
+
+
+def test_peft_convert_to_lora_reproduces_full_rank_adapter(tiny_bert, token_ids, tmp_path):
+    model = get_peft_model(copy.deepcopy(tiny_bert), C3AConfig(block_size=8, target_modules=QV))
+    _randomize(model)
+    lora_config, state = peft.convert_to_lora(model, rank=32)  # 32 = full rank of these 32x32 layers
+    lora = get_peft_model(copy.deepcopy(tiny_bert), lora_config)
+    peft.set_peft_model_state_dict(lora, state)
+    torch.testing.assert_close(_logits(lora, token_ids), _logits(model, token_ids), rtol=1e-4, atol=1e-4)

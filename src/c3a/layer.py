@@ -42,9 +42,11 @@ def block_size_problem(block_size: int, in_features: int, out_features: int) -> 
     """Why ``block_size`` cannot serve a layer of this shape, or ``None`` when it can."""
     if block_size >= 1 and in_features % block_size == 0 and out_features % block_size == 0:
         return None
-    return (
-        f"(in_features={in_features}, out_features={out_features}): block_size {block_size} does not divide "
-        f"both; valid block sizes: {common_divisors(in_features, out_features)}"
+    side, size = ("input", in_features) if block_size < 1 or in_features % block_size else ("output", out_features)
+    return (  # PEFT's sentence first (its tests and users match on it), then what to choose instead
+        f"(in_features={in_features}, out_features={out_features}): The block size should be a factor of the {side} "
+        f"size. However, the {side} size is {size} and the block size is {block_size}; valid block sizes: "
+        f"{common_divisors(in_features, out_features)}"
     )
 
 
@@ -66,7 +68,8 @@ def init_kernel_(kernel: torch.Tensor, init_weights: Any, in_features: int, out_
 
 
 class C3ALayer(BaseTunerLayer):
-    """Adapter bookkeeping: one fp32 kernel ``(d_out/b, d_in/b, b)`` per adapter in ``c3a_kernel``."""
+    """Adapter bookkeeping: one kernel ``(d_out/b, d_in/b, b)`` per adapter in ``c3a_kernel`` (fp32 through
+    ``get_peft_model``, which keeps adapters in fp32 unless ``autocast_adapter_dtype=False``)."""
 
     adapter_layer_names = ("c3a_kernel",)
     other_param_names = ("block_size",)
@@ -98,6 +101,9 @@ class C3ALayer(BaseTunerLayer):
             init_kernel_(kernel, init_weights, self.in_features, self.out_features)
         self.block_size[adapter_name] = block_size
         self.c3a_kernel[adapter_name] = nn.Parameter(kernel)
+        # PEFT's contract: the base layer's device and float dtype; get_peft_model's autocast_adapter_dtype=True
+        # (its default) then makes half-precision kernels fp32 again. The operator computes in fp32 either way.
+        self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
@@ -129,7 +135,10 @@ class C3ALayer(BaseTunerLayer):
             weight = self.get_base_weight()
             merged = weight.float() + self.get_delta_weight(adapter).to(weight.device)
             if not torch.isfinite(merged).all():
-                raise ValueError(f"merging adapter {adapter!r} gives non-finite weights; the base weight is unchanged")
+                raise ValueError(
+                    f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken: merging it gives "
+                    "non-finite weights; the base weight is unchanged"
+                )
             self.set_base_weight(merged.to(weight.dtype))
             self.merged_adapters.append(adapter)
 
@@ -143,6 +152,10 @@ class C3ALayer(BaseTunerLayer):
             if adapter in self.c3a_kernel:
                 weight = self.get_base_weight()
                 self.set_base_weight((weight.float() - self.get_delta_weight(adapter).to(weight.device)).to(weight.dtype))
+
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True  # get_delta_weight is the dense delta in the base weight's layout: PEFT's converter applies
 
 
 class C3ALinear(nn.Module, C3ALayer):
@@ -173,13 +186,18 @@ class C3ALinear(nn.Module, C3ALayer):
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        # Scaling the small kernel is cheaper than scaling the (tokens, d_out) output.
-        kernels = [self.c3a_kernel[a] / self.in_features for a in self.active_adapters if a in self.c3a_kernel]
+        kernels = [self._scaled_kernel(a) for a in self.active_adapters if a in self.c3a_kernel]
         if kernels and not args and not kwargs and self._fold_into_weight(x):
             base = self.base_layer
             weight = base.weight.T if isinstance(base, Conv1D) else base.weight
             return block_circulant_linear(x, weight, base.bias, kernels)
         return self._add_deltas(self.base_layer(x, *args, **kwargs), x, kernels)
+
+    def _scaled_kernel(self, adapter: str) -> torch.Tensor:
+        """``kernel / d_in`` in fp32 at least (a half-precision kernel, from ``autocast_adapter_dtype=False``, is
+        upcast; its gradient flows back in its own dtype). Scaling the small kernel is cheaper than the output."""
+        kernel = self.c3a_kernel[adapter]
+        return kernel.to(torch.promote_types(kernel.dtype, torch.float32)) / self.in_features
 
     def _add_deltas(self, result: torch.Tensor, x: torch.Tensor, kernels: Sequence[torch.Tensor]) -> torch.Tensor:
         if not kernels:
@@ -199,7 +217,7 @@ class C3ALinear(nn.Module, C3ALayer):
             if adapter == BASE_ADAPTER or adapter not in self.c3a_kernel:
                 continue
             rows = torch.tensor([i for i, a in enumerate(adapter_names) if a == adapter], device=x.device)
-            kernel = self.c3a_kernel[adapter] / self.in_features
+            kernel = self._scaled_kernel(adapter)
             parts.append((rows, self._add_deltas(result[rows], x[rows], [kernel])))
         if parts:
             result = result.clone()
