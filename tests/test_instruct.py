@@ -20,7 +20,7 @@ from c3a.experiments.answers import (
     normalize_sql,
     parse_number,
 )
-from c3a.experiments.instruct import FORMATS, make_splits, score, tokenize
+from c3a.experiments.instruct import FORMATS, generate, make_splits, score, tokenize
 
 GSM8K_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train_sample.jsonl"
 
@@ -277,3 +277,14 @@ def test_sft_methods_with_nothing_to_train_stop_clearly(tiny_llama, tmp_path):
         _sft(tiny_llama, tmp_path, "--method", "bitfit")
     with pytest.raises(ValueError, match="head modules"):  # the LM head is not a new task head
         _sft(tiny_llama, tmp_path, "--method", "head")
+
+
+def test_generate_with_a_tokenizer_that_emits_token_type_ids(tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama / "model")
+    tokenizer.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]  # as BERT-style tokenizers do
+    assert "token_type_ids" in tokenizer(["a"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama / "model")
+    texts = generate(model, tokenizer, ["Question: 1 + 1?", "Q"], batch_size=2, max_new_tokens=3)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)

@@ -202,7 +202,9 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_t
     model.eval()
     texts = []
     for start in tqdm(range(0, len(mine), batch_size), desc="generating", disable=shared and not accelerator.is_main_process):
-        batch = tokenizer([prompts[i] for i in mine[start : start + batch_size]], return_tensors="pt", padding=True).to(device)
+        # token ids and attention mask only: causal LMs' generate rejects the token_type_ids some tokenizers emit
+        batch = tokenizer([prompts[i] for i in mine[start : start + batch_size]], return_tensors="pt", padding=True,
+                          return_token_type_ids=False).to(device)  # fmt: skip
         with torch.no_grad():
             output = model.generate(
                 **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
