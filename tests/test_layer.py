@@ -1,6 +1,7 @@
 """The tuner layer on its own: both forward paths exact, merge/unmerge, init, dtypes, mixed-adapter batches."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -129,3 +130,62 @@ def test_merge_refuses_non_finite_and_leaves_base_untouched():
     with pytest.raises(ValueError, match="NaNs detected in the merged weights. The adapter a seems to be broken"):
         layer.merge()
     assert torch.equal(layer.base_layer.weight, before) and not layer.merged
+
+
+@pytest.mark.parametrize("fold_ratio", [0, 10**9])  # FFT path, folded-weight path
+@pytest.mark.parametrize("base_cls", ["linear", "conv1d"])
+@pytest.mark.parametrize("shape", [(0, 12), (2, 0, 12)])
+def test_empty_batch_like_nn_linear(monkeypatch, fold_ratio, base_cls, shape):
+    monkeypatch.setattr("c3a.layer.FOLD_RATIO", fold_ratio)
+    base = nn.Linear(12, 8) if base_cls == "linear" else Conv1D(8, 12)
+    layer = _layer(copy.deepcopy(base), ("a", 4), ("b", 2))
+    x = torch.randn(*shape, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (*shape[:-1], 8) and y.shape == base(x).shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for a in "ab":
+        assert layer.c3a_kernel[a].grad is not None and not layer.c3a_kernel[a].grad.any()
+    layer.eval()
+    rows = [] if shape[0] == 0 else ["a", "__base__"]
+    assert layer(x.detach(), adapter_names=rows).shape == y.shape
+
+
+def test_meta_input_gives_meta_output_or_a_clear_error():
+    with torch.device("meta"):
+        meta_layer = C3ALinear(nn.Linear(12, 8), "a", block_size=4)
+    x = torch.empty(3, 12, device="meta")
+    y = meta_layer(x)
+    assert y.device.type == "meta" and y.shape == (3, 8)
+    layer = _layer(nn.Linear(12, 8), ("a", 4))
+    with pytest.raises(ValueError, match="input is on the meta device but the layer's kernels are on cpu"):
+        layer(x)
+
+
+def test_unmerge_restores_base_after_kernel_changed_while_merged():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 16)
+    layer = _layer(copy.deepcopy(base), ("a", 4), ("b", 2))
+    layer.merge()
+    with torch.no_grad():  # an optimizer step, or a load, while merged
+        layer.c3a_kernel["a"].mul_(3).add_(1)
+        layer.c3a_kernel["b"].zero_()
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, base.weight, rtol=0, atol=1e-6)
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, _dense_weight(layer, "ab"), base.bias),
+                               rtol=1e-5, atol=1e-5)  # the changed kernels count from now on
+
+
+def test_training_while_merged_warns():
+    layer = _layer(nn.Linear(8, 8), ("a", 4))
+    layer.merge()
+    x = torch.randn(2, 8)
+    layer.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)  # inference while merged: fine
+        with torch.no_grad():
+            layer.train()(x)
+    with pytest.warns(UserWarning, match="merged into the base weight, so their kernels get no gradient"):
+        layer.train()(x)

@@ -80,6 +80,9 @@ class C3ALayer(BaseTunerLayer):
         self.c3a_kernel = nn.ParameterDict({})
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
+        # The kernels as they were merged (fp32 copies, small): unmerge subtracts exactly what was added, even if
+        # a kernel changed meanwhile.
+        self._merged_kernels: dict[str, torch.Tensor] = {}
         self.kwargs = kwargs
         base = self.get_base_layer()
         self.in_features, self.out_features = linear_features(base)
@@ -106,9 +109,10 @@ class C3ALayer(BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+    def get_delta_weight(self, adapter: str, kernel: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The adapter's ``ΔW / d_in`` in fp32, laid out like the base weight (``(out, in)``; ``(in, out)`` for Conv1D)."""
-        delta = circulant_matrix(self.c3a_kernel[adapter].float()) / self.in_features
+        kernel = self.c3a_kernel[adapter] if kernel is None else kernel
+        delta = circulant_matrix(kernel.float()) / self.in_features
         return delta.T if isinstance(self.get_base_layer(), Conv1D) else delta
 
     @torch.no_grad()
@@ -133,25 +137,32 @@ class C3ALayer(BaseTunerLayer):
             )
         for adapter in adapter_names:
             weight = self.get_base_weight()
-            merged = weight.float() + self.get_delta_weight(adapter).to(weight.device)
+            kernel = self.c3a_kernel[adapter].detach().float().clone()
+            merged = weight.float() + self.get_delta_weight(adapter, kernel).to(weight.device)
             if not torch.isfinite(merged).all():
                 raise ValueError(
                     f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken: merging it gives "
                     "non-finite weights; the base weight is unchanged"
                 )
             self.set_base_weight(merged.to(weight.dtype))
+            self._merged_kernels[adapter] = kernel
             self.merged_adapters.append(adapter)
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """Subtract what :meth:`merge` added — the kernels as they were then, even if they changed since."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
-            if adapter in self.c3a_kernel:
+            kernel = self._merged_kernels.pop(adapter, None)
+            if kernel is None and adapter in self.c3a_kernel:
+                kernel = self.c3a_kernel[adapter].detach()
+            if kernel is not None:
                 weight = self.get_base_weight()
-                self.set_base_weight((weight.float() - self.get_delta_weight(adapter).to(weight.device)).to(weight.dtype))
+                delta = self.get_delta_weight(adapter, kernel).to(weight.device)
+                self.set_base_weight((weight.float() - delta).to(weight.dtype))
 
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
@@ -185,8 +196,12 @@ class C3ALinear(nn.Module, C3ALayer):
         if adapter_names is not None:
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.merged:
+            self._warn_if_merged_kernels_train()
             return self.base_layer(x, *args, **kwargs)
         kernels = [self._scaled_kernel(a) for a in self.active_adapters if a in self.c3a_kernel]
+        if kernels and (x.numel() == 0 or x.device.type == "meta"):
+            self._check_meta_input(x, kernels)
+            return self._add_no_deltas(self.base_layer(x, *args, **kwargs), x, kernels)
         if kernels and not args and not kwargs and self._fold_into_weight(x):
             base = self.base_layer
             weight = base.weight.T if isinstance(base, Conv1D) else base.weight
@@ -199,9 +214,39 @@ class C3ALinear(nn.Module, C3ALayer):
         kernel = self.c3a_kernel[adapter]
         return kernel.to(torch.promote_types(kernel.dtype, torch.float32)) / self.in_features
 
+    def _warn_if_merged_kernels_train(self) -> None:
+        if self.training and torch.is_grad_enabled() and any(
+            self.c3a_kernel[a].requires_grad for a in self.merged_adapters if a in self.c3a_kernel
+        ):
+            warnings.warn(
+                f"C3A adapter(s) {self.merged_adapters} are merged into the base weight, so their kernels get no "
+                "gradient and training them changes nothing; call unmerge_adapter() before training (unmerging "
+                "restores the base weight exactly as it was)", UserWarning,
+            )
+
+    @staticmethod
+    def _check_meta_input(x: torch.Tensor, kernels: Sequence[torch.Tensor]) -> None:
+        if x.device.type == "meta" and any(k.device.type != "meta" for k in kernels):
+            raise ValueError(
+                f"C3A layer: the input is on the meta device but the layer's kernels are on {kernels[0].device}; a "
+                "meta input needs a layer on the meta device (shapes only), or move the input to the layer's device"
+            )
+
+    def _add_no_deltas(self, result: torch.Tensor, x: torch.Tensor, kernels: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The delta of an empty batch (``(0, d_in)`` → ``(0, d_out)``) or of a meta-device input (shapes only),
+        without running the operator: zero, yet connected to the kernels so that they get (zero) gradients, as
+        ``nn.Linear``'s weight does for an empty batch."""
+        self._check_meta_input(x, kernels)
+        if result.device.type == "meta":
+            return result
+        sums = [k.sum() for k in kernels if k.device == result.device]
+        return result + (sum(sums) * 0).to(result.dtype) if sums else result
+
     def _add_deltas(self, result: torch.Tensor, x: torch.Tensor, kernels: Sequence[torch.Tensor]) -> torch.Tensor:
         if not kernels:
             return result
+        if x.numel() == 0 or x.device.type == "meta":
+            return self._add_no_deltas(result, x, kernels)
         if self.quantization_backend is not None:  # bnb may hand back a view that autograd must not modify
             result = self.quantization_backend.maybe_clone_base_result(result)
         return add_block_circular_conv(result, x, kernels)
