@@ -218,7 +218,7 @@ def test_export_lora_of_gpt2_conv1d_layers(tiny_gpt2, token_ids, tmp_path):
                                    rtol=0, atol=1e-5)
 
 
-def test_export_lora_error_decreases_to_exact(tmp_path):
+def test_export_lora_error_decreases_to_exact(tmp_path, capsys):
     model = get_c3a_model(_tiny_roberta(), C3AConfig(block_size=4, target_modules=["value"]))
     with torch.no_grad():
         layer = dict(c3a_layers(model))["roberta.encoder.layer.1.attention.self.value"]
@@ -240,9 +240,13 @@ def test_export_lora_error_decreases_to_exact(tmp_path):
         previous = error
     assert previous < 1e-6
     model.save_pretrained(tmp_path)
-    with pytest.raises(SystemExit, match="must differ"):
-        main(["export-lora", str(tmp_path), "--rank", "2", "--out", str(tmp_path)])
-    with pytest.raises(FileNotFoundError, match="not an adapter folder"):
+    argv = ["export-lora", str(tmp_path), "--rank", "2", "--out", str(tmp_path)]
+    with pytest.raises(FileExistsError, match="already holds an adapter"):
+        main(argv)
+    assert main(argv, one_line_errors=True) == 2  # as the `c3a` program: one line, exit status 2
+    assert "already holds an adapter" in capsys.readouterr().err
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "C3A"  # untouched
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         adapter_ranks(tmp_path / "missing")
 
 

@@ -291,8 +291,15 @@ def test_checkpoint_shape_mismatch_names_key(tiny_bert, tmp_path):
     state = load_file(path)
     state["base_model.model.bert.encoder.layer.1.attention.self.value.c3a_kernel"] = torch.zeros(2, 2, 8)
     save_file(state, path)
-    with pytest.raises(RuntimeError, match=r"layer\.1\.attention\.self\.value\.c3a_kernel"):
+    with pytest.raises(c3a.io.IncompleteCheckpointError, match="mixed or partial save"):  # not what was saved
         PeftModel.from_pretrained(copy.deepcopy(tiny_bert), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    del config["c3a_checkpoint"]  # as PEFT's reference implementation writes it: no digest to check
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    base = copy.deepcopy(tiny_bert)
+    with pytest.raises(ValueError, match=r"layer\.1\.attention\.self\.value's kernel is \[2, 2, 8\]"):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert not any(isinstance(m, C3ALinear) for m in base.modules())  # checked before any module was replaced
 
 
 # -- save / load, ours and PEFT's --------------------------------------------------------------------------------

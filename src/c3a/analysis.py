@@ -27,7 +27,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, load_peft_weights
 
 from .config import C3AConfig
-from .io import atomic_path, atomic_write_text
+from .io import CHECKPOINT_KEY, IncompleteCheckpointError, atomic_path, atomic_write_text, read_weights, verify_checkpoint
 from .layer import c3a_layers, common_divisors, linear_features
 
 PREFIX = "base_model.model."  # PEFT's key prefix in adapter files
@@ -43,6 +43,8 @@ def _frequency_blocks(kernel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     """``(K_f for the real FFT's frequencies (F, m, n), complex128; how often each occurs among all b)``."""
     if kernel.dim() != 3:
         raise ValueError(f"kernel must have shape (m, n, b), got {tuple(kernel.shape)}")
+    if not torch.isfinite(kernel).all():
+        raise ValueError("kernel has NaN/inf values: ΔW has no rank or spectrum")
     b = kernel.shape[-1]
     blocks = torch.fft.rfft(kernel.detach().to("cpu", torch.float64), dim=-1).permute(2, 0, 1)
     counts = torch.full((blocks.shape[0],), 2, dtype=torch.long)
@@ -113,13 +115,33 @@ def load_adapter(source: Any, adapter_name: str = "default") -> tuple[dict, dict
         subs = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, CONFIG_NAME)))
         hint = f"; adapters in its sub-folders: {', '.join(subs)} (pass one of them)" if subs else ""
         raise FileNotFoundError(f"no {CONFIG_NAME} in {path}{hint}")
-    with open(os.path.join(path, CONFIG_NAME)) as f:
-        config = json.load(f)
+    config = C3AConfig.from_json_file(os.path.join(path, CONFIG_NAME))  # a cut file: IncompleteCheckpointError
+    if not isinstance(config, dict):
+        raise IncompleteCheckpointError(f"{os.path.join(path, CONFIG_NAME)} is not an adapter config (not a JSON object)")
     if config.get("peft_type", "C3A") != "C3A":
         raise ValueError(f"{path} is a {config['peft_type']} adapter, not C3A")
     if not any(os.path.isfile(os.path.join(path, w)) for w in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)):
         raise FileNotFoundError(f"no {SAFETENSORS_WEIGHTS_NAME} in {path}")
-    return config, load_peft_weights(path, device="cpu")
+    checked = verify_checkpoint(path, config.pop(CHECKPOINT_KEY, None))  # one save, or a mixed/partial error
+    if checked is not None:
+        return config, read_weights(checked)
+    try:
+        return config, load_peft_weights(path, device="cpu")
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as e:
+        raise IncompleteCheckpointError(f"{path}: the adapter weights cannot be read ({type(e).__name__}: {e}): a "
+                                        "partial or damaged save") from None
+
+
+def _looks_like_path(source: str) -> bool:
+    """A source meant as a local path rather than a hub id (``org/name`` or ``name``)."""
+    if os.path.isabs(source) or source.startswith(("./", "../", "~", "." + os.sep, ".." + os.sep)) or source in (".", ".."):
+        return True
+    if source.endswith(("/", os.sep)) or "\\" in source or source.count("/") > 1 or (os.sep != "/" and os.sep in source):
+        return True
+    parent = os.path.dirname(source)
+    return bool(parent) and os.path.isdir(parent)
 
 
 def _adapter_folder(source: str) -> str:
@@ -127,7 +149,9 @@ def _adapter_folder(source: str) -> str:
     if os.path.isdir(source):
         return source
     if os.path.exists(source):
-        raise ValueError(f"{source} is a file; pass the adapter folder")
+        raise NotADirectoryError(f"{source} is a file; pass the adapter folder")
+    if _looks_like_path(source):
+        raise FileNotFoundError(f"adapter folder {source} does not exist")
     from huggingface_hub import snapshot_download
 
     try:
@@ -137,10 +161,14 @@ def _adapter_folder(source: str) -> str:
 
 
 def adapter_kernels(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``{module name: kernel}`` from an adapter state dict (keys ``base_model.model.<module>.c3a_kernel``)."""
+    """``{module name: kernel}`` from an adapter state dict (keys ``base_model.model.<module>.c3a_kernel``);
+    ``ValueError`` naming the layers whose kernels hold NaN/inf values."""
     kernels = {k.removeprefix(PREFIX)[: -len(KERNEL_SUFFIX)]: v for k, v in state.items() if k.endswith(KERNEL_SUFFIX)}
     if not kernels:
         raise ValueError(f"no C3A kernels (keys ending in {KERNEL_SUFFIX!r}) in the adapter")
+    bad = [name for name, k in kernels.items() if not torch.isfinite(k).all()]
+    if bad:
+        raise ValueError(f"the adapter's kernels hold NaN/inf values in {len(bad)} layer(s): {', '.join(bad)}")
     return kernels
 
 
@@ -246,12 +274,28 @@ class LoraExport:
     layers: list[dict]  # per adapted layer: name, shape, rank of ΔW, relative_error, exact
 
     def save_pretrained(self, directory: str) -> None:
+        """Write the adapter so that ``directory`` always holds one complete save or none that loads.
+
+        Writers take an exclusive lock on ``directory/.c3a-save.lock`` (two exports into one folder run one after
+        the other); the old config is removed first, each file is written atomically, the config last: a crash
+        leaves either the previous adapter, or weights without a config (which PEFT refuses to load), never a
+        config beside weights of another save.
+        """
+        import fcntl
+
         from safetensors.torch import save_file
 
         os.makedirs(directory, exist_ok=True)
-        with atomic_path(os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)) as tmp:
-            save_file({k: v.contiguous() for k, v in self.state_dict.items()}, tmp, metadata={"format": "pt"})
-        atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(self.config, indent=2, sort_keys=True))
+        with open(os.path.join(directory, ".c3a-save.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            config_path = os.path.join(directory, CONFIG_NAME)
+            if os.path.exists(config_path):
+                os.remove(config_path)
+            if os.path.exists(os.path.join(directory, WEIGHTS_NAME)):  # PEFT would load it if ours went missing
+                os.remove(os.path.join(directory, WEIGHTS_NAME))
+            with atomic_path(os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)) as tmp:
+                save_file({k: v.contiguous() for k, v in self.state_dict.items()}, tmp, metadata={"format": "pt"})
+            atomic_write_text(config_path, json.dumps(self.config, indent=2, sort_keys=True))
 
 
 def to_lora(source: Any, rank: int, adapter_name: str = "default", progress: bool = False) -> LoraExport:

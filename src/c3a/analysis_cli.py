@@ -8,6 +8,7 @@ import os
 from collections import defaultdict
 
 from . import analysis
+from .argtypes import positive_int
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -78,8 +79,8 @@ def add_params_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help=f"{', '.join(PAPER_MODELS)}, or any hub id / folder with a config.json (config only)")
     p.add_argument("--method", required=True, choices=list(analysis.COMPLEXITY))
-    p.add_argument("--block-size", default="128", help='C³A block size, or "auto" (default: 128)')
-    p.add_argument("--rank", type=int, default=8,
+    p.add_argument("--block-size", type=_block_size, default=128, help='C³A block size, or "auto" (default: 128)')
+    p.add_argument("--rank", type=positive_int, default=8,
                    help="LoRA/VeRA rank; with --block-size auto the LoRA rank to match (default: 8)")
     p.add_argument("--targets", help="comma-separated module names (default: the paper's, PEFT's defaults)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -89,14 +90,17 @@ def _block_size(text: str):
     if text == "auto":
         return "auto"
     try:
-        return int(text)
-    except ValueError:
-        raise SystemExit(f"--block-size must be an integer or 'auto', got {text!r}") from None
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer or 'auto'") from None
+
+
+_block_size.__name__ = "block size"
 
 
 def run_params(args: argparse.Namespace) -> int:
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
-    report = analysis.count_parameters(args.model, args.method, block_size=_block_size(args.block_size),
+    report = analysis.count_parameters(args.model, args.method, block_size=args.block_size,
                                        rank=args.rank, targets=targets)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -136,14 +140,19 @@ def run_params(args: argparse.Namespace) -> int:
 
 def add_export_lora_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter", help="C³A adapter folder (ours or PEFT's), or a hub id")
-    p.add_argument("--rank", type=int, required=True, help="LoRA rank R")
+    p.add_argument("--rank", type=positive_int, required=True, help="LoRA rank R")
     p.add_argument("--out", required=True, help="folder for the PEFT LoRA adapter")
+    p.add_argument("--overwrite", action="store_true", help="replace an adapter already in --out")
     p.add_argument("--json", action="store_true", help="print the per-layer report as JSON")
 
 
 def run_export_lora(args: argparse.Namespace) -> int:
-    if os.path.isdir(args.adapter) and os.path.realpath(args.adapter) == os.path.realpath(args.out):
-        raise SystemExit("--out must differ from the C³A adapter folder (its files would be replaced)")
+    from peft.utils import CONFIG_NAME
+
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise NotADirectoryError(f"--out {args.out} is a file; pass a folder")
+    if os.path.isfile(os.path.join(args.out, CONFIG_NAME)) and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} already holds an adapter ({CONFIG_NAME}); pass --overwrite to replace it")
     export = analysis.to_lora(args.adapter, args.rank, progress=True)
     export.save_pretrained(args.out)
     if args.json:

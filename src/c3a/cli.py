@@ -2,6 +2,11 @@
 
 A command ``name`` lives in ``MODULE`` as ``add_<name>_arguments(parser)`` and ``run_<name>(args)``
 (dashes become underscores). Only the chosen command's module is imported.
+
+Errors: on the command line a user error (bad argument, missing folder, bad data — :data:`USER_ERRORS`) prints
+one line ``c3a <command>: error: ...`` and exits 2; ``c3a --debug <command> ...`` shows the traceback instead.
+Any other exception is a bug and keeps its traceback. ``main([...])`` called from Python (tests, scripts) raises
+the exception itself, unless ``one_line_errors=True``.
 """
 
 from __future__ import annotations
@@ -9,6 +14,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+# Exceptions that report a problem with the user's input, not a bug in c3a: printed as one line (exit 2).
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError,
+)
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
@@ -24,14 +34,26 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line naming the problem (and where to find the usage), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _function(name: str, prefix: str):
     module = importlib.import_module(COMMANDS[name][0])
     return getattr(module, f"{prefix}_{name.replace('-', '_')}" + ("_arguments" if prefix == "add" else ""))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, one_line_errors: bool | None = None) -> int:
+    """Run ``c3a`` with ``argv`` (default: the command line). ``one_line_errors`` (default: only when ``argv`` is
+    ``None``, i.e. as the ``c3a`` program) turns user errors into one line on stderr and exit status 2."""
+    if one_line_errors is None:
+        one_line_errors = argv is None
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="c3a", description="C³A: circular convolution adaptation")
+    parser = _Parser(prog="c3a", description="C³A: circular convolution adaptation")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (_, help_text) in COMMANDS.items():
@@ -42,7 +64,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    result = _function(args.command, "run")(args)
+    try:
+        result = _function(args.command, "run")(args)
+    except USER_ERRORS as e:
+        if args.debug or not one_line_errors:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"c3a {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if args.debug or not one_line_errors:
+            raise
+        print(f"c3a {args.command}: interrupted", file=sys.stderr)
+        return 130
     return int(result or 0)
 
 

@@ -8,19 +8,28 @@ keep PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``, key
 
 from __future__ import annotations
 
+import copy
+import os
 import re
+import sys
+import warnings
 from collections import Counter
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import peft
+import torch
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
-from peft.utils import TRANSFORMERS_MODELS_TO_C3A_TARGET_MODULES_MAPPING, AuxiliaryTrainingWrapper, PeftType
+from peft.utils import (
+    CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, TRANSFORMERS_MODELS_TO_C3A_TARGET_MODULES_MAPPING, WEIGHTS_NAME,
+    AuxiliaryTrainingWrapper, PeftType,
+)
 from torch import nn
 
-from .config import C3AConfig
+from .config import C3AConfig, note_saved_state
+from .io import IncompleteCheckpointError, verify_checkpoint, weights_files
 from .layer import BASE_ADAPTER, C3ALayer, C3ALinear, block_size_problem, linear_features
 
 
@@ -32,6 +41,44 @@ def pattern_block_size(config: peft.C3AConfig, name: str) -> int:
         return patterns[name]
     key = next((k for k in patterns if re.match(rf".*\.{k}$", name)), None)
     return patterns[key] if key is not None else config.block_size
+
+
+def check_adapter_name(name: Any) -> None:
+    """Adapter names become folder names in ``save_pretrained`` and parameter keys: refuse those that would
+    escape the folder or break the keys, before anything is changed or written."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "." in name or "\0" in name or any(
+        sep in name for sep in ("/", "\\", os.sep, os.altsep or "/")
+    ) or os.path.isabs(name):
+        raise ValueError(
+            f"invalid adapter name {name!r}: it must be a non-empty name without '.', '/' or '\\' (it becomes a "
+            "sub-folder of the save folder and part of parameter names)"
+        )
+
+
+class _ModelState:
+    """What an adapter injection may change in a model — module attributes and children, parameter tensors and
+    ``requires_grad`` — kept (shallowly: no weight is copied) so that a failed injection can put it all back."""
+
+    def __init__(self, tuner: BaseTuner, model: nn.Module) -> None:
+        self.modules = []
+        for module in model.modules():
+            attrs = {k: copy.copy(v) if isinstance(v, (dict, list, set)) else v for k, v in module.__dict__.items()}
+            self.modules.append((module, attrs))
+        self.params = [(p, p.data, p.requires_grad) for p in model.parameters()]
+        self.tuner = {k: copy.copy(getattr(tuner, k)) for k in ("active_adapter", "targeted_module_names",
+                                                                "targeted_parameter_names") if hasattr(tuner, k)}
+        self.tuner_obj = tuner
+
+    def restore(self) -> None:
+        for module, attrs in self.modules:
+            module.__dict__.clear()
+            module.__dict__.update(attrs)
+        for p, data, requires_grad in self.params:
+            if p.data_ptr() != data.data_ptr() or p.shape != data.shape or p.dtype != data.dtype:
+                p.data = data  # replaced by an unmerge (PEFT's set_base_weight assigns .data)
+            p.requires_grad_(requires_grad)
+        for k, v in self.tuner.items():
+            setattr(self.tuner_obj, k, v)
 
 
 def _set_adapter_names(module, args, kwargs, adapter_names):
@@ -51,8 +98,57 @@ class C3AModel(BaseTuner):
     tuner_layer_cls = C3ALayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_C3A_TARGET_MODULES_MAPPING
 
+    def inject_adapter(
+        self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        """PEFT's injection, all or nothing: the adapter name is checked first, and if anything fails midway
+        (a target, ``modules_to_save``, ...) the model is put back as it was — modules, parameters,
+        ``requires_grad``, merged state — before the error propagates."""
+        check_adapter_name(adapter_name)
+        config = self.peft_config.get(adapter_name)
+        if type(config) is peft.C3AConfig:  # ours adds the saved-weights digest and the atomic config write
+            config.__class__ = C3AConfig
+        state = _ModelState(self, model)
+        try:
+            super().inject_adapter(
+                model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage,
+                state_dict=state_dict,
+            )
+        except BaseException:
+            state.restore()
+            raise
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """PEFT's selection; the dict is noted so that the config saved next records the digest of what was saved
+        (PEFT adds ``modules_to_save`` and embeddings to this very dict before writing it)."""
+        state = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        note_saved_state(config, adapter_name, state, cls._remove_adapter_name_from_key)
+        return state
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        state = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        bad = [k for k, v in state.items() if ".c3a_kernel" in k and torch.is_tensor(v) and v.is_floating_point()
+               and v.device.type != "meta" and not torch.isfinite(v).all()]
+        if bad:
+            layers = ", ".join(k.split(".c3a_kernel")[0].removeprefix("base_model.model.") for k in bad)
+            warnings.warn(
+                f"C3A adapter {adapter_name!r}: the checkpoint's kernels hold NaN/inf values in {len(bad)} layer(s): "
+                f"{layers}; these layers will output NaN/inf", UserWarning,
+            )
+        return state
+
     def _prepare_model(self, peft_config: peft.C3AConfig, model: nn.Module) -> None:
-        """Match every target, resolve ``block_size="auto"``, validate all block sizes — before any change."""
+        """Match every target, resolve ``block_size="auto"``, validate all block sizes — before any change.
+
+        When PEFT is loading a saved adapter (``PeftModel.from_pretrained`` / ``load_adapter`` with a config
+        from :meth:`C3AConfig.from_pretrained`), the checkpoint is checked here too: digest, readability, and
+        every tensor's shape against the model, so a mixed/partial save or an adapter of another model fails
+        before the model is touched.
+        """
+        source = peft_config.__dict__.pop("_load_source", None)
         _maybe_include_all_linear_layers(peft_config, model)  # idempotent; PEFT calls it again after this hook
         inside_tuners = tuple(n + "." for n, m in model.named_modules() if isinstance(m, BaseTunerLayer))
         shapes = {}
@@ -78,6 +174,8 @@ class C3AModel(BaseTuner):
         errors = [f"{name} {problem}" for name, b in sizes.items() if (problem := block_size_problem(b, *shapes[name]))]
         if errors:
             raise ValueError("invalid block size for " + "; ".join(errors))
+        if source is not None and _loading_weights_now():
+            _check_checkpoint(peft_config, source, model, shapes, sizes)
         if auto:  # concrete sizes in the config: what is saved loads anywhere, PEFT's reference included
             default = Counter(sizes.values()).most_common(1)[0][0]
             peft_config.block_size = default
@@ -132,6 +230,94 @@ class C3AModel(BaseTuner):
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def _loading_weights_now() -> bool:
+    """Whether this injection is PEFT's ``from_pretrained`` / ``load_adapter`` about to load the config's weights
+    (and not a config loaded from a folder and reused as a template for a fresh adapter)."""
+    codes = {peft.PeftModel.from_pretrained.__func__.__code__, peft.PeftModel.load_adapter.__code__}
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _checkpoint_folder(source: tuple) -> Optional[str]:
+    """The local folder holding the adapter files of ``(model id or folder, subfolder, hub kwargs)``; hub files are
+    fetched (PEFT would fetch them next); ``None`` when they cannot be had (PEFT then reports it)."""
+    model_id, subfolder, hub = source
+    folder = os.path.join(model_id, subfolder) if subfolder else model_id
+    if os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+        return folder
+    from huggingface_hub import hf_hub_download
+
+    for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME):
+        try:
+            return os.path.dirname(hf_hub_download(model_id, name, subfolder=subfolder, **hub))
+        except Exception:
+            continue
+    return None
+
+
+def _checkpoint_shapes(path: str) -> dict[str, tuple]:
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        return {k: tuple(v.shape) for k, v in torch.load(path, map_location="meta", weights_only=True).items()}
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as e:
+        raise IncompleteCheckpointError(f"{path} cannot be read ({type(e).__name__}): a partial or damaged save") from None
+
+
+def _check_checkpoint(config, source: tuple, model: nn.Module, shapes: dict, sizes: dict) -> None:
+    folder = _checkpoint_folder(source)
+    if folder is None:
+        return
+    path = verify_checkpoint(folder, getattr(config, "_checkpoint_record", None))
+    if path is None:
+        present = weights_files(folder)
+        if not present:
+            raise IncompleteCheckpointError(
+                f"{folder} has {CONFIG_NAME} but no adapter weights ({SAFETENSORS_WEIGHTS_NAME}): a partial save")
+        path = os.path.join(folder, present[0])
+    if getattr(model, "_checkpoint_conversion_mapping", None):
+        return  # PEFT renames this model's checkpoint keys while loading: names cannot be compared here
+    problems = []
+    kernels = {}
+    for key, shape in _checkpoint_shapes(path).items():
+        name = key.removeprefix("base_model.model.")
+        if name.endswith(".c3a_kernel"):
+            kernels[name[: -len(".c3a_kernel")]] = shape
+            continue
+        try:
+            tensor = model.get_parameter(name)
+        except AttributeError:
+            try:
+                tensor = model.get_buffer(name)
+            except AttributeError:
+                continue
+        if tuple(tensor.shape) != shape:
+            problems.append(f"{name} is {list(shape)} in the checkpoint but {list(tensor.shape)} in the model")
+    for name, shape in kernels.items():
+        if name not in shapes:
+            problems.append(f"the checkpoint has a kernel for {name}, which the config does not target in this model")
+            continue
+        (d_in, d_out), b = shapes[name], sizes[name]
+        if b != "auto" and shape != (d_out // b, d_in // b, b):
+            problems.append(f"{name}'s kernel is {list(shape)} in the checkpoint; block size {b} on this {d_out}×{d_in} "
+                            f"layer needs {[d_out // b, d_in // b, b]}")
+    missing = sorted(set(shapes) - set(kernels))
+    if missing:
+        problems.append(f"the checkpoint has no kernel for {len(missing)} targeted layer(s): {', '.join(missing[:5])}"
+                        + (", ..." if len(missing) > 5 else ""))
+    if problems:
+        raise ValueError(f"the adapter in {folder} does not fit this model (nothing was changed): " + "; ".join(problems))
 
 
 _REFERENCE = (PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.C3A], PEFT_TYPE_TO_TUNER_MAPPING[PeftType.C3A])

@@ -186,7 +186,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("c3a demo: --device cuda given but no CUDA device is available")
+        raise ValueError("--device cuda given but no CUDA device is available")
     runs = []
     jobs = [(m, s) for s in range(args.seeds) for m in METHODS]
     threads = torch.get_num_threads()
