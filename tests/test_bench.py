@@ -62,7 +62,7 @@ def test_bench_smoke(tmp_path, tiny_roberta_dir):
 
 
 def test_bench_names_failing_method(tmp_path, tiny_roberta_dir):
-    with pytest.raises(RuntimeError, match=r"c3a \(b=5\).*block_size 5"):
+    with pytest.raises(RuntimeError, match=r"c3a \(b=5\).*block[ _]size"):
         main(["bench", "--model", tiny_roberta_dir, "--methods", "c3a:5", "--rounds", "1", "--out", str(tmp_path)])
 
 

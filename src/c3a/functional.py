@@ -42,7 +42,8 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 # Largest block size for which the DFT-as-GEMM path is used in half precision. Its transforms cost
 # 2·b FLOPs per input and output element (the FFT's ~5·log2(b), but memory-bound and in fp32), so the
-# GEMM path stops paying for large b; where, is measured in docs/performance.md.
+# GEMM path stops paying for large b: between b = 256 and 512 on a 2-core x86-64 CPU (docs/performance.md;
+# a roofline estimate puts an H100's crossover near 1024, unmeasured).
 DFT_MAX_BLOCK = 256
 
 

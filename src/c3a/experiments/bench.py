@@ -67,7 +67,7 @@ def build_model(model: str, spec: Spec, layers: Optional[int], dtype: torch.dtyp
     if layers:
         config.num_hidden_layers = layers
     torch.manual_seed(0)
-    net = AutoModel.from_config(config).to(device=device, dtype=dtype)
+    net = AutoModel.from_config(config, dtype=dtype).to(device)  # built in dtype: no fp32 copy in the peak
     if spec.name == "frozen":  # the floor: backprop through every layer, no parameter to update
         for p in net.parameters():
             p.requires_grad_(False)
