@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.autograd.gradcheck import GradcheckError
 
-from c3a.functional import block_circular_conv, circulant_matrix
+from c3a.functional import add_block_circular_conv, block_circulant_linear, block_circular_conv, circulant_matrix
 
 SHAPES = [(1, 1, 1), (1, 1, 7), (2, 3, 5), (3, 2, 4), (4, 4, 8), (1, 3, 6), (2, 1, 9), (3, 5, 1), (2, 2, 16)]
 
@@ -130,3 +130,28 @@ def test_peft_reference_input_gradient_is_wrong():
     (g_ours,) = torch.autograd.grad(block_circular_conv(x, k), x, g)
     torch.testing.assert_close(g_ours, g @ circulant_matrix(k.detach()))  # Cᵀ·g, the chain rule
     assert not torch.allclose(g_peft, g_ours)
+
+
+@pytest.mark.parametrize("shape", [(0, 12), (3, 0, 12)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_empty_batches_every_path(shape, dtype):
+    """No tokens: empty outputs and input gradients, zero kernel gradients (FFT libraries reject empty transforms)."""
+    kernel = torch.randn(2, 3, 4, requires_grad=True)
+    x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+    calls = [lambda: block_circular_conv(x, kernel),
+             lambda: add_block_circular_conv(torch.zeros(*shape[:-1], 8, dtype=dtype), x, [kernel])]
+    if dtype == torch.float32:
+        calls.append(lambda: block_circulant_linear(x, torch.randn(8, 12), None, [kernel]))
+    for call in calls:
+        x.grad = kernel.grad = None
+        y = call()
+        assert y.shape == (*shape[:-1], 8) and y.dtype == dtype
+        y.sum().backward()
+        assert x.grad.shape == x.shape and torch.count_nonzero(kernel.grad) == 0
+
+
+def test_meta_inputs():
+    kernel = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="input is on meta and the kernel on cpu"):
+        block_circular_conv(torch.empty(5, 12, device="meta"), kernel)
+    assert block_circular_conv(torch.empty(5, 12, device="meta"), kernel.to("meta")).device.type == "meta"

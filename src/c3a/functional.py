@@ -68,6 +68,8 @@ def _check(x: torch.Tensor, kernel: torch.Tensor) -> None:
         raise ValueError(
             f"input's last dimension {x.shape[-1]} does not match the kernel: n·b = {n}·{b} = {n * b}"
         )
+    if x.device != kernel.device:  # e.g. a meta-device input: the result would land on the kernel's device
+        raise ValueError(f"input is on {x.device} and the kernel on {kernel.device}; put both on one device")
 
 
 class _BlockCircularConv(torch.autograd.Function):
@@ -78,9 +80,12 @@ class _BlockCircularConv(torch.autograd.Function):
         # 1/b of the inverse transform folded into the small kernel spectrum: irfft(norm="forward") then
         # skips its separate scaling pass over the (tokens, d_out) output.
         k_spec = rfft(kernel.to(dtype), dim=-1) / b  # (m, n, F)
-        x_spec = rfft(x.reshape(-1, n, b).to(dtype), dim=-1)  # (T, n, F)
-        y_spec = _mix_spectra(x_spec, k_spec.conj().permute(2, 1, 0))  # (T, m, F)
-        y = irfft(y_spec, n=b, dim=-1, norm="forward")
+        if x.numel() == 0:  # no tokens: FFT libraries reject empty transforms
+            y = x.new_zeros(0, m, b, dtype=dtype)
+        else:
+            x_spec = rfft(x.reshape(-1, n, b).to(dtype), dim=-1)  # (T, n, F)
+            y_spec = _mix_spectra(x_spec, k_spec.conj().permute(2, 1, 0))  # (T, m, F)
+            y = irfft(y_spec, n=b, dim=-1, norm="forward")
         # Only x (in its own dtype, usually shared with the frozen base layer) and the small kernel
         # spectrum are kept for backward: no fp32 or frequency-domain copy of the activation.
         ctx.save_for_backward(x, k_spec)
@@ -93,6 +98,8 @@ class _BlockCircularConv(torch.autograd.Function):
         x, k_spec = ctx.saved_tensors
         m, n, F = k_spec.shape
         b = x.shape[-1] // n
+        if x.numel() == 0:
+            return torch.zeros_like(x), x.new_zeros(m, n, b, dtype=ctx.kernel_dtype), None
         dtype = k_spec.real.dtype
         g_spec = rfft(grad_y.reshape(-1, m, b).to(dtype), dim=-1)  # (T, m, F)
         grad_x = grad_k = None
@@ -397,6 +404,9 @@ class _BlockCirculantLinear(torch.autograd.Function):
                 grad_ks.append(None)
                 continue
             m, n, b = kernel.shape
+            if g2.shape[0] == 0:  # no tokens, no gradient (and no empty FFT)
+                grad_ks.append(torch.zeros_like(kernel))
+                continue
             dtype = _compute_dtype(kernel.dtype)
             g_spec = rfft(g2.reshape(-1, m, b).to(dtype), dim=-1)
             grad_ks.append(_kernel_grad(x, g_spec, n, b).to(kernel.dtype))
