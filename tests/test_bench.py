@@ -86,3 +86,18 @@ def test_half_adapter_spec_keeps_trainable_weights_in_bf16(tiny_roberta_dir):
     assert trainable and all(p.dtype == torch.bfloat16 for p in trainable)
     default = build_model(tiny_roberta_dir, Spec.parse("lora:4"), 1, torch.bfloat16, "cpu")
     assert all(p.dtype == torch.float32 for p in default.parameters() if p.requires_grad)  # PEFT's default
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rounds", "0"], "--rounds: 0 must be a positive integer"),
+    (["--methods", ","], "nothing to run"),
+    (["--methods", "dora"], "unknown method 'dora'"),
+    (["--methods", "lora:x"], "positive integer"),
+    (["--methods", "", "--operator", "--op-shapes", "768"], "IN_xOUT"),
+])
+def test_bench_rejects_bad_options_before_any_worker(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) if argv[0] == "--rounds" else pytest.raises(ValueError, match=message):
+        main(["bench", "--out", str(tmp_path / "b"), *argv])
+    assert not (tmp_path / "b").exists()
+    if argv[0] == "--rounds":
+        assert message in capsys.readouterr().err

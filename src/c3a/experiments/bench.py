@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from c3a.functional import add_block_circular_conv, block_circulant_linear, circulant_matrix
+from c3a.argtypes import nonnegative_int, positive_int
 from c3a.io import atomic_path, atomic_write_text
 
 DEFAULT_METHODS = "frozen,lora:8,c3a:128,c3a:768,peft-c3a:128,vera:256,boft,ia3,bitfit,full"
@@ -46,7 +47,13 @@ class Spec:
 
     @classmethod
     def parse(cls, text: str) -> "Spec":
+        from .methods import METHODS
+
         name, _, value = text.partition(":")
+        if name != "frozen" and name.removesuffix("-bf16") not in METHODS:
+            raise ValueError(f"--methods: unknown method {name!r}; choose from frozen, {', '.join(METHODS)} (or NAME-bf16)")
+        if value and not (value.isdigit() and int(value) > 0):
+            raise ValueError(f"--methods: {text!r}: the value after ':' must be a positive integer")
         return cls(name, int(value) if value else None)
 
     @property
@@ -465,26 +472,33 @@ def add_bench_arguments(p) -> None:
     p.add_argument("--model", default="roberta-base",
                    help="a built-in paper architecture (roberta-base, roberta-large, llama2-7b, llama3-8b, ...), "
                         "a hub id or a folder with config.json; weights are random")
-    p.add_argument("--layers", type=int, default=None, help="number of layers (default: the model's; e.g. 2 for LLaMA)")
+    p.add_argument("--layers", type=positive_int, default=None, help="number of layers (default: the model's; e.g. 2 for LLaMA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help=f"comma-separated name[:b or r]; a name ending in -bf16 keeps that method's trainable weights "
                         f"in bf16 (e.g. lora-bf16:32); empty: operator grid only (default: {DEFAULT_METHODS})")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--seq", type=positive_int, default=128)
+    p.add_argument("--warmup", type=nonnegative_int, default=2)
+    p.add_argument("--rounds", type=positive_int, default=10)
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads per worker (default: torch's)")
     p.add_argument("--autocast", action="store_true", help="run forward passes under torch.autocast(bfloat16)")
     p.add_argument("--operator", action="store_true", help="also run the operator micro-benchmark")
     p.add_argument("--op-shapes", default="768x768,1024x1024,4096x4096")
     p.add_argument("--op-blocks", default="64,128,256")
     p.add_argument("--op-tokens", default="64,256,1024,4096")
-    p.add_argument("--op-reps", type=int, default=10, help="interleaved timed rounds per grid point")
-    p.add_argument("--op-lora-rank", type=int, default=None,
+    p.add_argument("--op-reps", type=positive_int, default=10, help="interleaved timed rounds per grid point")
+    p.add_argument("--op-lora-rank", type=positive_int, default=None,
                    help="LoRA rank in the operator grid (default: the rank with C³A's parameter count)")
     p.add_argument("--out", default="c3a-bench")
+
+
+def _positive_ints(option: str, text: str, sep: str = ",") -> list[int]:
+    values = [v.strip() for v in text.split(sep)]
+    if not values or not all(v.isdigit() and int(v) > 0 for v in values):
+        raise ValueError(f"{option}: {text!r} must be positive integers separated by {sep!r}")
+    return [int(v) for v in values]
 
 
 def run_bench(args) -> int:
@@ -492,6 +506,13 @@ def run_bench(args) -> int:
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if not specs and not args.operator:
         raise ValueError("nothing to run: give --methods or --operator")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is available")
+    if args.operator:  # every list is checked before any worker starts
+        shapes = [tuple(_positive_ints("--op-shapes", s, "x")) for s in args.op_shapes.split(",")]
+        if any(len(shape) != 2 for shape in shapes):
+            raise ValueError(f"--op-shapes: {args.op_shapes!r} must be IN_xOUT pairs such as 768x768,4096x1024")
+        blocks, tokens = _positive_ints("--op-blocks", args.op_blocks), _positive_ints("--op-tokens", args.op_tokens)
     rows = time_methods(args.model, specs, args.layers, args.batch, args.seq, dtype, args.device, args.threads,
                         args.warmup, args.rounds, args.autocast) if specs else []
     if args.threads:  # the operator grid runs in this process
@@ -503,10 +524,8 @@ def run_bench(args) -> int:
         "memory_kind": rows[0]["memory_kind"] if rows else None, "methods": rows,
     }
     if args.operator:
-        shapes = [tuple(int(v) for v in s.split("x")) for s in args.op_shapes.split(",")]
         result["operator"] = operator_grid(
-            args.device, getattr(torch, dtype), shapes, [int(b) for b in args.op_blocks.split(",")],
-            [int(t) for t in args.op_tokens.split(",")], args.op_reps, lora_rank=args.op_lora_rank,
+            args.device, getattr(torch, dtype), shapes, blocks, tokens, args.op_reps, lora_rank=args.op_lora_rank,
             autocast=args.autocast,
         )
     os.makedirs(args.out, exist_ok=True)
