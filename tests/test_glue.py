@@ -83,7 +83,16 @@ def test_glue_runs_every_task(model_dir, data_dir, tmp_path, task):
     assert r["validation"]["epoch"] == 1 and len(r["history"]) == 1
     assert r["memory_kind"] in ("cuda_max_allocated", "cpu_peak_rss") and r["peak_memory_bytes"] > 2**20
     assert r["config"]["block_size"] == 16 and r["config"]["head"] == ["classifier"]
-    assert r["config"]["lr"] == 0.1 and r["config"]["head_lr"] == 4e-3  # the registry's C³A defaults
+    assert r["config"]["lr"] == glue.METHODS["c3a"].lr and r["config"]["head_lr"] == 4e-3  # the registry's defaults
+
+
+def test_glue_saves_the_trained_adapter(model_dir, data_dir, tmp_path):
+    from peft import PeftConfig
+
+    r = _glue(model_dir, data_dir, tmp_path, "sst2", "c3a", "--block-size", "16", "--save-adapter")
+    config = PeftConfig.from_pretrained(tmp_path / "adapter")
+    assert config.peft_type == "C3A" and config.block_size == 16 and r["config"]["save_adapter"] is True
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_glue_runs_every_method(model_dir, data_dir, tmp_path):

@@ -187,6 +187,8 @@ def _add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--max-train-samples", type=positive_int, help="train on at most this many rows (after carving validation)")
     data.add_argument("--max-test-samples", type=positive_int, help="test on a fixed random subset of this many rows (same for every run)")
     data.add_argument("--validation-size", type=positive_int, help="rows carved from train for validation (default: 10%%, at most 1000)")
+    parser.add_argument("--save-adapter", action="store_true",
+                        help="save the trained adapter (best epoch) to <out>/adapter with save_pretrained (PEFT methods)")
 
 
 def add_glue_arguments(parser: argparse.ArgumentParser) -> None:
@@ -247,6 +249,8 @@ def run_glue(args: argparse.Namespace) -> int:
         test=test, samples={name: len(split) for name, split in data.items()},
         config=dict(lr=config.lr, head_lr=config.head_lr, weight_decay=config.weight_decay, head=head, out=out),
     )
+    if args.save_adapter and hasattr(model, "peft_config"):  # before results.json: a finished cell has both
+        model.save_pretrained(os.path.join(out, "adapter"))
     write_results(os.path.join(out, "results.json"), results)
     metric = task.metrics[0]
     print(
