@@ -281,6 +281,15 @@ def _peft_c3a_layer(base, block_size: int):
     return PeftC3ALinear(base, "default", config, block_size=block_size)
 
 
+def _paired_ratio(values: list[float], lora: list[float]) -> float:
+    """Median of per-round ratios to LoRA's time above the frozen layer; rounds where noise left LoRA's at or
+    below zero give no ratio (NaN when none is left)."""
+    if values is lora:
+        return 1.0
+    ratios = [a / lo for a, lo in zip(values, lora) if lo > 0]
+    return statistics.median(ratios) if ratios else float("nan")
+
+
 def operator_grid(device: str, dtype: torch.dtype, shapes, block_sizes, token_counts, reps: int,
                   warmup: int = 2, lora_rank: Optional[int] = None, autocast: bool = False) -> list[dict]:
     """Forward + backward of one adapted layer over (d_in, d_out, b, tokens), every method once per round,
@@ -347,9 +356,7 @@ def operator_grid(device: str, dtype: torch.dtype, shapes, block_sizes, token_co
             "check_rel_err": check,
             "ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
             "adapter_ms": {k: 1e3 * statistics.median(v) for k, v in above.items()},
-            "adapter_ratio_to_lora": {
-                k: statistics.median(a / max(lo, 1e-9) for a, lo in zip(v, above["lora"])) for k, v in above.items()
-            },
+            "adapter_ratio_to_lora": {k: _paired_ratio(v, above["lora"]) for k, v in above.items()},
             "peak_extra_mib": {k: None if v is None else v / 2**20 for k, v in peak.items()},
             "c3a_bandwidth_fraction": io_bytes / max(statistics.median(above["c3a"]), 1e-9) / bandwidth,
         })
