@@ -415,3 +415,21 @@ def test_peft_convert_to_lora_reproduces_full_rank_adapter(tiny_bert, token_ids,
     lora = get_peft_model(copy.deepcopy(tiny_bert), lora_config)
     peft.set_peft_model_state_dict(lora, state)
     torch.testing.assert_close(_logits(lora, token_ids), _logits(model, token_ids), rtol=1e-4, atol=1e-4)
+
+
+def test_exact_delta_flag_reaches_the_operator(tiny_bert, monkeypatch, tmp_path):
+    seen = []
+    real = c3a.layer.add_block_circular_conv
+
+    def spy(result, x, kernels, *, exact_delta=False, path=None):
+        seen.append(exact_delta)
+        return real(result, x, kernels, exact_delta=exact_delta, path=path)
+
+    monkeypatch.setattr(c3a.layer, "add_block_circular_conv", spy)
+    base = copy.deepcopy(tiny_bert).to(torch.bfloat16)
+    model = get_peft_model(base, C3AConfig(block_size=8, target_modules=QV, exact_delta=True))
+    model(input_ids=torch.randint(0, 100, (2, 5)))
+    assert seen and all(seen)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["exact_delta"] is True
+    assert "exact_delta" not in C3AConfig(block_size=8).to_dict()  # written only when set: PEFT-clean otherwise

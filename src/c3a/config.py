@@ -20,7 +20,7 @@ from .io import (
 INIT_CHOICES = ("xavier_uniform", "kaiming_uniform", "gaussian")
 BIAS_CHOICES = ("none", "all", "c3a_only")
 # Fields PEFT's reference config lacks: written only when set, so saved configs stay loadable there.
-OWN_FIELDS = ("budget", "lora_rank", "exclude_modules")
+OWN_FIELDS = ("budget", "lora_rank", "exclude_modules", "exact_delta")
 
 
 @dataclass
@@ -37,6 +37,8 @@ class C3AConfig(peft.C3AConfig):
         budget: total trainable kernel weights over the adapted layers, for ``block_size="auto"``.
         lora_rank: LoRA rank ``r`` whose budget ``r·(d_in + d_out)`` per layer ``block_size="auto"`` matches.
         exclude_modules: module names (or a regex) never adapted, as in PEFT's LoRA.
+        exact_delta: in half precision (bf16/fp16 weights or autocast), compute the delta in fp32 and add it
+            before the one rounding of the output (:func:`c3a.functional.add_block_circular_conv`); slower.
         init_weights: as PEFT's (``"xavier_uniform"`` default, ``"kaiming_uniform"``, ``"gaussian"``, ``True``
             for zeros: an exact no-op at the start), plus ``"zeros"`` as a readable alias of ``True``.
     """
@@ -52,6 +54,10 @@ class C3AConfig(peft.C3AConfig):
     )
     exclude_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Module names or a regex of modules never to adapt."}
+    )
+    exact_delta: bool = field(
+        default=False,
+        metadata={"help": "Half precision: compute the delta in fp32 and round the output once (slower; see README)."},
     )
     # The digest of the weights saved beside the config file (c3a.io.checkpoint_record): read from the file, kept
     # off the dataclass fields (a loaded config equals the one saved), checked when the adapter is loaded.
@@ -85,7 +91,7 @@ class C3AConfig(peft.C3AConfig):
     def to_dict(self) -> dict:
         d = super().to_dict()
         for name in OWN_FIELDS:
-            if d.get(name) is None:
+            if d.get(name) in (None, False):
                 d.pop(name, None)
         return d
 

@@ -72,11 +72,12 @@ class C3ALayer(BaseTunerLayer):
     ``get_peft_model``, which keeps adapters in fp32 unless ``autocast_adapter_dtype=False``)."""
 
     adapter_layer_names = ("c3a_kernel",)
-    other_param_names = ("block_size",)
+    other_param_names = ("block_size", "exact_delta")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.block_size: dict[str, int] = {}
+        self.exact_delta: dict[str, bool] = {}  # per adapter: the half-precision delta in fp32 (config flag)
         self.c3a_kernel = nn.ParameterDict({})
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -90,7 +91,7 @@ class C3ALayer(BaseTunerLayer):
 
     def update_layer(
         self, adapter_name: str, block_size: int, init_weights: Any = "xavier_uniform", inference_mode: bool = False,
-        **kwargs: Any,
+        exact_delta: bool = False, **kwargs: Any,
     ) -> None:
         problem = block_size_problem(block_size, self.in_features, self.out_features)
         if problem:
@@ -103,6 +104,7 @@ class C3ALayer(BaseTunerLayer):
         if kernel.device.type != "meta":
             init_kernel_(kernel, init_weights, self.in_features, self.out_features)
         self.block_size[adapter_name] = block_size
+        self.exact_delta[adapter_name] = bool(exact_delta)
         self.c3a_kernel[adapter_name] = nn.Parameter(kernel)
         # PEFT's contract: the base layer's device and float dtype; get_peft_model's autocast_adapter_dtype=True
         # (its default) then makes half-precision kernels fp32 again. The operator computes in fp32 either way.
@@ -180,12 +182,12 @@ class C3ALinear(nn.Module, C3ALayer):
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, block_size: int, init_weights: Any = "xavier_uniform",
-        inference_mode: bool = False, **kwargs: Any,
+        inference_mode: bool = False, exact_delta: bool = False, **kwargs: Any,
     ) -> None:
         super().__init__()
         C3ALayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, block_size, init_weights, inference_mode=inference_mode)
+        self.update_layer(adapter_name, block_size, init_weights, inference_mode=inference_mode, exact_delta=exact_delta)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
@@ -206,7 +208,8 @@ class C3ALinear(nn.Module, C3ALayer):
             base = self.base_layer
             weight = base.weight.T if isinstance(base, Conv1D) else base.weight
             return block_circulant_linear(x, weight, base.bias, kernels)
-        return self._add_deltas(self.base_layer(x, *args, **kwargs), x, kernels)
+        exact = any(self.exact_delta.get(a, False) for a in self.active_adapters)
+        return self._add_deltas(self.base_layer(x, *args, **kwargs), x, kernels, exact)
 
     def _scaled_kernel(self, adapter: str) -> torch.Tensor:
         """``kernel / d_in`` in fp32 at least (a half-precision kernel, from ``autocast_adapter_dtype=False``, is
@@ -242,14 +245,16 @@ class C3ALinear(nn.Module, C3ALayer):
         sums = [k.sum() for k in kernels if k.device == result.device]
         return result + (sum(sums) * 0).to(result.dtype) if sums else result
 
-    def _add_deltas(self, result: torch.Tensor, x: torch.Tensor, kernels: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _add_deltas(
+        self, result: torch.Tensor, x: torch.Tensor, kernels: Sequence[torch.Tensor], exact_delta: bool = False
+    ) -> torch.Tensor:
         if not kernels:
             return result
         if x.numel() == 0 or x.device.type == "meta":
             return self._add_no_deltas(result, x, kernels)
         if self.quantization_backend is not None:  # bnb may hand back a view that autograd must not modify
             result = self.quantization_backend.maybe_clone_base_result(result)
-        return add_block_circular_conv(result, x, kernels)
+        return add_block_circular_conv(result, x, kernels, exact_delta=exact_delta)
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str], **kwargs: Any) -> torch.Tensor:
         if self.merged:
@@ -263,7 +268,7 @@ class C3ALinear(nn.Module, C3ALayer):
                 continue
             rows = torch.tensor([i for i, a in enumerate(adapter_names) if a == adapter], device=x.device)
             kernel = self._scaled_kernel(adapter)
-            parts.append((rows, self._add_deltas(result[rows], x[rows], [kernel])))
+            parts.append((rows, self._add_deltas(result[rows], x[rows], [kernel], self.exact_delta.get(adapter, False))))
         if parts:
             result = result.clone()
             for rows, out in parts:

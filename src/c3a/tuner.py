@@ -186,12 +186,14 @@ class C3AModel(BaseTuner):
         self, c3a_config, adapter_name, target, target_name, parent, current_key, **optional_kwargs: Any
     ) -> None:
         block_size = pattern_block_size(c3a_config, current_key)
+        exact_delta = getattr(c3a_config, "exact_delta", False)  # ours; PEFT's config lacks it
         if isinstance(target, C3ALayer):
-            target.update_layer(adapter_name, block_size, c3a_config.init_weights, inference_mode=c3a_config.inference_mode)
+            target.update_layer(adapter_name, block_size, c3a_config.init_weights,
+                                inference_mode=c3a_config.inference_mode, exact_delta=exact_delta)  # fmt: skip
             return
         new_module = C3ALinear(
             target, adapter_name, block_size=block_size, init_weights=c3a_config.init_weights,
-            inference_mode=c3a_config.inference_mode,
+            inference_mode=c3a_config.inference_mode, exact_delta=exact_delta,
         )
         if adapter_name not in self.active_adapters:  # an added adapter is not trainable until activated
             new_module.requires_grad_(False)
