@@ -23,7 +23,7 @@ from torch import nn
 
 import c3a
 from c3a import C3AConfig, C3ALinear
-from c3a.analysis import adapter_ranks, load_adapter, to_lora
+from c3a.analysis import load_adapter, to_lora
 from c3a.cli import main as _main
 from c3a.io import IncompleteCheckpointError, atomic_write_text, file_mode
 from c3a.layer import c3a_layers

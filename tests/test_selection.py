@@ -5,7 +5,6 @@ import math
 
 import pytest
 
-from c3a.cli import main
 from c3a.experiments import glue
 from c3a.experiments.selection import GridPoint, grid_points, select
 

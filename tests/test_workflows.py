@@ -2,7 +2,6 @@
 QLoRA-style bitsandbytes bases. Tiny random models in local folders (what a hub id resolves to), CPU only."""
 
 import os
-import warnings
 
 import pytest
 import torch

@@ -23,12 +23,11 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 import torch
 from torch import nn
 
-from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, load_peft_weights
 
 from .config import C3AConfig
 from .io import CHECKPOINT_KEY, IncompleteCheckpointError, atomic_path, atomic_write_text, read_weights, verify_checkpoint
-from .layer import c3a_layers, common_divisors, linear_features
+from .layer import c3a_layers, common_divisors, targeted_shapes
 
 PREFIX = "base_model.model."  # PEFT's key prefix in adapter files
 
@@ -408,16 +407,7 @@ def target_shapes(
             raise ValueError(f"no default target modules for model type {model_type!r}; name the layers to adapt")
         target_modules = list(defaults[model_type])
     config = C3AConfig(target_modules=target_modules)
-    shapes = {}
-    inside_tuners = tuple(n + "." for n, m in model.named_modules() if isinstance(m, BaseTunerLayer))
-    for name, module in model.named_modules():
-        if not name or name.startswith(inside_tuners) or not check_target_module_exists(config, name):
-            continue
-        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-        try:
-            shapes[name] = linear_features(base)
-        except TypeError as e:
-            raise TypeError(f"target {name!r}: {e}") from None
+    shapes = targeted_shapes(model, config)
     if not shapes:
         raise ValueError(f"target_modules {config.target_modules!r} match no module of the model")
     return shapes

@@ -7,7 +7,7 @@ import warnings
 from typing import Any, Optional, Sequence
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge, check_target_module_exists
 from peft.utils import resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -306,3 +306,19 @@ def c3a_layers(model: nn.Module) -> list[tuple[str, C3ALayer]]:
     """``(name, layer)`` of every C³A layer in ``model``; names as in the base model for a ``peft.PeftModel``."""
     root = model.get_base_model() if hasattr(model, "get_base_model") else model
     return [(name, module) for name, module in root.named_modules() if isinstance(module, C3ALayer)]
+
+
+def targeted_shapes(model: nn.Module, config) -> dict[str, tuple[int, int]]:
+    """``{name: (d_in, d_out)}`` of the modules ``config`` targets (PEFT's matching), those inside existing tuner
+    layers left out; ``TypeError`` naming a target C³A cannot adapt."""
+    inside_tuners = tuple(n + "." for n, m in model.named_modules() if isinstance(m, BaseTunerLayer))
+    shapes = {}
+    for name, module in model.named_modules():
+        if not name or name.startswith(inside_tuners) or not check_target_module_exists(config, name):
+            continue
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        try:
+            shapes[name] = linear_features(base)
+        except TypeError as e:
+            raise TypeError(f"target {name!r}: {e}") from None
+    return shapes

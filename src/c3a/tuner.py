@@ -21,7 +21,7 @@ from typing import Any, Iterator, Optional
 import peft
 import torch
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
+from peft.tuners.tuners_utils import BaseTuner, _maybe_include_all_linear_layers
 from peft.utils import (
     CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, TRANSFORMERS_MODELS_TO_C3A_TARGET_MODULES_MAPPING, WEIGHTS_NAME,
     AuxiliaryTrainingWrapper, PeftType,
@@ -30,7 +30,7 @@ from torch import nn
 
 from .config import C3AConfig, note_saved_state
 from .io import IncompleteCheckpointError, verify_checkpoint, weights_files
-from .layer import BASE_ADAPTER, C3ALayer, C3ALinear, block_size_problem, linear_features
+from .layer import BASE_ADAPTER, C3ALayer, C3ALinear, block_size_problem, targeted_shapes
 
 
 def pattern_block_size(config: peft.C3AConfig, name: str) -> int:
@@ -150,16 +150,7 @@ class C3AModel(BaseTuner):
         """
         source = peft_config.__dict__.pop("_load_source", None)
         _maybe_include_all_linear_layers(peft_config, model)  # idempotent; PEFT calls it again after this hook
-        inside_tuners = tuple(n + "." for n, m in model.named_modules() if isinstance(m, BaseTunerLayer))
-        shapes = {}
-        for name, module in model.named_modules():
-            if not name or name.startswith(inside_tuners) or not self._check_target_module_exists(peft_config, name):
-                continue
-            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-            try:
-                shapes[name] = linear_features(base)
-            except TypeError as e:
-                raise TypeError(f"target {name!r}: {e}") from None
+        shapes = targeted_shapes(model, peft_config)
         if not shapes:
             return  # PEFT's injection reports the unmatched targets
         sizes = {name: pattern_block_size(peft_config, name) for name in shapes}
