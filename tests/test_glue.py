@@ -92,6 +92,7 @@ def test_glue_saves_the_trained_adapter(model_dir, data_dir, tmp_path):
     r = _glue(model_dir, data_dir, tmp_path, "sst2", "c3a", "--block-size", "16", "--save-adapter")
     config = PeftConfig.from_pretrained(tmp_path / "adapter")
     assert config.peft_type == "C3A" and config.block_size == 16 and r["config"]["save_adapter"] is True
+    assert config.base_model_name_or_path == model_dir  # the model as given on the command line
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 
 

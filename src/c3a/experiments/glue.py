@@ -214,7 +214,8 @@ def run_glue(args: argparse.Namespace) -> int:
     from transformers import DataCollatorWithPadding, set_seed
 
     from c3a.experiments.train import (
-        end_distributed, evaluate, fit, head_modules, method_options, resolve_model, results_record, train_config, write_results,
+        SHORTCUT_HUB_IDS, end_distributed, evaluate, fit, head_modules, method_options, resolve_model, results_record,
+        train_config, write_results,
     )
 
     task = TASKS[args.task]
@@ -250,6 +251,8 @@ def run_glue(args: argparse.Namespace) -> int:
         config=dict(lr=config.lr, head_lr=config.head_lr, weight_decay=config.weight_decay, head=head, out=out),
     )
     if args.save_adapter and hasattr(model, "peft_config"):  # before results.json: a finished cell has both
+        for adapter_config in model.peft_config.values():  # the model as the user named it, not a resolved path
+            adapter_config.base_model_name_or_path = SHORTCUT_HUB_IDS.get(args.model, args.model)
         model.save_pretrained(os.path.join(out, "adapter"))
     write_results(os.path.join(out, "results.json"), results)
     metric = task.metrics[0]

