@@ -268,12 +268,18 @@ def _dft_conv_add(result: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, d
     return _DftBlockCircularConv.apply(result, x, w_diag, w_im, dtype)
 
 
+def _autocast_half_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The half-precision dtype autocast is running in on ``device_type``, or ``None`` (off, fp32, or a device
+    without autocast such as ``meta``)."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+    return dtype if dtype in HALF_DTYPES else None
+
+
 def _half_dtype(result: torch.Tensor, x: torch.Tensor) -> Optional[torch.dtype]:
     """The half-precision dtype this call runs in (autocast's, else x's or result's), or ``None``."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in HALF_DTYPES:
-        return torch.get_autocast_dtype(device)
-    return next((t.dtype for t in (x, result) if t.dtype in HALF_DTYPES), None)
+    return _autocast_half_dtype(x.device.type) or next((t.dtype for t in (x, result) if t.dtype in HALF_DTYPES), None)
 
 
 def add_block_circular_conv(

@@ -158,14 +158,10 @@ class C3ALayer(BaseTunerLayer):
             return
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
-            kernel = self._merged_kernels.pop(adapter, None)
-            if kernel is None and adapter in self.c3a_kernel:
-                kernel = self.c3a_kernel[adapter].detach()
-            if kernel is not None:
-                weight = self.get_base_weight()
-                delta = self.get_delta_weight(adapter, kernel).to(weight.device)
-                self.set_base_weight((weight.float() - delta).to(weight.dtype))
-
+            kernel = self._merged_kernels.pop(adapter)
+            weight = self.get_base_weight()
+            delta = self.get_delta_weight(adapter, kernel).to(weight.device)
+            self.set_base_weight((weight.float() - delta).to(weight.dtype))
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True  # get_delta_weight is the dense delta in the base weight's layout: PEFT's converter applies
@@ -201,9 +197,7 @@ class C3ALinear(nn.Module, C3ALayer):
             self._warn_if_merged_kernels_train()
             return self.base_layer(x, *args, **kwargs)
         kernels = [self._scaled_kernel(a) for a in self.active_adapters if a in self.c3a_kernel]
-        if kernels and (x.numel() == 0 or x.device.type == "meta"):
-            self._check_meta_input(x, kernels)
-            return self._add_no_deltas(self.base_layer(x, *args, **kwargs), x, kernels)
+        self._check_meta_input(x, kernels)  # before the base layer's own, less telling, device error
         if kernels and not args and not kwargs and self._fold_into_weight(x):
             base = self.base_layer
             weight = base.weight.T if isinstance(base, Conv1D) else base.weight
@@ -235,23 +229,11 @@ class C3ALinear(nn.Module, C3ALayer):
                 "meta input needs a layer on the meta device (shapes only), or move the input to the layer's device"
             )
 
-    def _add_no_deltas(self, result: torch.Tensor, x: torch.Tensor, kernels: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The delta of an empty batch (``(0, d_in)`` → ``(0, d_out)``) or of a meta-device input (shapes only),
-        without running the operator: zero, yet connected to the kernels so that they get (zero) gradients, as
-        ``nn.Linear``'s weight does for an empty batch."""
-        self._check_meta_input(x, kernels)
-        if result.device.type == "meta":
-            return result
-        sums = [k.sum() for k in kernels if k.device == result.device]
-        return result + (sum(sums) * 0).to(result.dtype) if sums else result
-
     def _add_deltas(
         self, result: torch.Tensor, x: torch.Tensor, kernels: Sequence[torch.Tensor], exact_delta: bool = False
     ) -> torch.Tensor:
         if not kernels:
             return result
-        if x.numel() == 0 or x.device.type == "meta":
-            return self._add_no_deltas(result, x, kernels)
         if self.quantization_backend is not None:  # bnb may hand back a view that autograd must not modify
             result = self.quantization_backend.maybe_clone_base_result(result)
         return add_block_circular_conv(result, x, kernels, exact_delta=exact_delta)
@@ -288,7 +270,8 @@ class C3ALinear(nn.Module, C3ALayer):
         weight = base.weight
         if weight.dtype not in (torch.float32, torch.float64) or x.dtype != weight.dtype:
             return False
-        if torch.is_autocast_enabled(x.device.type):  # autocast would run the folded GEMM in half precision
+        device = x.device.type  # autocast would run the folded GEMM in its dtype; meta has none (asking raises)
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
             return False
         if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
             return False
