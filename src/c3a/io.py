@@ -145,22 +145,41 @@ def checkpoint_record(state: Mapping[str, torch.Tensor], weights_name: str) -> d
     return {"weights": weights_name, "sha256": tensor_digest(state), "tensors": len(state)}
 
 
+@contextmanager
+def _readable(path: str) -> Iterator[None]:
+    """Errors of a cut or overwritten weights file (safetensors/pickle internals) as
+    :class:`IncompleteCheckpointError` naming it; a missing or forbidden file stays what it is."""
+    try:
+        yield
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception as e:
+        raise IncompleteCheckpointError(
+            f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): a partial or "
+            "damaged save; save the adapter again"
+        ) from None
+
+
 def read_weights(path: str) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors or ``torch.save`` weights file; a truncated or damaged file raises
     :class:`IncompleteCheckpointError` naming it."""
-    try:
+    with _readable(path):
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
 
             return load_file(path, device="cpu")
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, PermissionError, IsADirectoryError):
-        raise
-    except Exception as e:  # safetensors/pickle errors of a cut or overwritten file
-        raise IncompleteCheckpointError(
-            f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): a partial or "
-            "damaged save; save the adapter again"
-        ) from None
+
+
+def weight_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """``{key: shape}`` of a weights file without reading its tensors (safetensors: the header only)."""
+    with _readable(path):
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        return {k: tuple(v.shape) for k, v in torch.load(path, map_location="meta", weights_only=True).items()}
 
 
 def weights_files(folder: str) -> list[str]:

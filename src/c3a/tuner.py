@@ -29,7 +29,7 @@ from peft.utils import (
 from torch import nn
 
 from .config import C3AConfig, note_saved_state
-from .io import IncompleteCheckpointError, verify_checkpoint, weights_files
+from .io import IncompleteCheckpointError, verify_checkpoint, weight_shapes, weights_files
 from .layer import BASE_ADAPTER, C3ALayer, C3ALinear, block_size_problem, targeted_shapes
 
 
@@ -46,9 +46,7 @@ def pattern_block_size(config: peft.C3AConfig, name: str) -> int:
 def check_adapter_name(name: Any) -> None:
     """Adapter names become folder names in ``save_pretrained`` and parameter keys: refuse those that would
     escape the folder or break the keys, before anything is changed or written."""
-    if not isinstance(name, str) or not name or name in (".", "..") or "." in name or "\0" in name or any(
-        sep in name for sep in ("/", "\\", os.sep, os.altsep or "/")
-    ) or os.path.isabs(name):
+    if not isinstance(name, str) or not name or any(c in name for c in "./\\\0"):  # "/" and "\\": any OS's separators
         raise ValueError(
             f"invalid adapter name {name!r}: it must be a non-empty name without '.', '/' or '\\' (it becomes a "
             "sub-folder of the save folder and part of parameter names)"
@@ -254,20 +252,6 @@ def _checkpoint_folder(source: tuple) -> Optional[str]:
     return None
 
 
-def _checkpoint_shapes(path: str) -> dict[str, tuple]:
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(path, framework="pt") as f:
-                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        return {k: tuple(v.shape) for k, v in torch.load(path, map_location="meta", weights_only=True).items()}
-    except (FileNotFoundError, PermissionError):
-        raise
-    except Exception as e:
-        raise IncompleteCheckpointError(f"{path} cannot be read ({type(e).__name__}): a partial or damaged save") from None
-
-
 def _check_checkpoint(config, source: tuple, model: nn.Module, shapes: dict, sizes: dict) -> None:
     folder = _checkpoint_folder(source)
     if folder is None:
@@ -283,7 +267,7 @@ def _check_checkpoint(config, source: tuple, model: nn.Module, shapes: dict, siz
         return  # PEFT renames this model's checkpoint keys while loading: names cannot be compared here
     problems = []
     kernels = {}
-    for key, shape in _checkpoint_shapes(path).items():
+    for key, shape in weight_shapes(path).items():
         name = key.removeprefix("base_model.model.")
         if name.endswith(".c3a_kernel"):
             kernels[name[: -len(".c3a_kernel")]] = shape
@@ -302,7 +286,7 @@ def _check_checkpoint(config, source: tuple, model: nn.Module, shapes: dict, siz
             problems.append(f"the checkpoint has a kernel for {name}, which the config does not target in this model")
             continue
         (d_in, d_out), b = shapes[name], sizes[name]
-        if b != "auto" and shape != (d_out // b, d_in // b, b):
+        if shape != (d_out // b, d_in // b, b):
             problems.append(f"{name}'s kernel is {list(shape)} in the checkpoint; block size {b} on this {d_out}×{d_in} "
                             f"layer needs {[d_out // b, d_in // b, b]}")
     missing = sorted(set(shapes) - set(kernels))
