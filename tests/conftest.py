@@ -6,6 +6,19 @@ from transformers import BertConfig, BertForSequenceClassification, GPT2Config, 
 torch.set_num_threads(1)
 
 
+def saved_activations(call, like: torch.Tensor) -> list[torch.Tensor]:
+    """Tensors at least as large as ``like`` that ``call()`` saves for backward (what it keeps of the activations)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        call()
+    return [t for t in saved if t.numel() >= like.numel()]
+
+
 @pytest.fixture
 def tiny_bert():
     """A 2-layer BERT classifier (hidden 32), random weights, eval mode: no download."""

@@ -3,6 +3,7 @@ import torch
 from torch.autograd.gradcheck import GradcheckError
 
 from c3a.functional import add_block_circular_conv, block_circulant_linear, block_circular_conv, circulant_matrix
+from conftest import saved_activations
 
 SHAPES = [(1, 1, 1), (1, 1, 7), (2, 3, 5), (3, 2, 4), (4, 4, 8), (1, 3, 6), (2, 1, 9), (3, 5, 1), (2, 2, 16)]
 
@@ -83,15 +84,7 @@ def test_half_precision(dtype):
 def test_saves_only_input_in_its_own_dtype():
     x = torch.randn(4, 24, dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(2, 3, 8, requires_grad=True)
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        block_circular_conv(x, k)
-    activations = [t for t in saved if t.numel() >= x.numel()]
+    activations = saved_activations(lambda: block_circular_conv(x, k), x)
     assert len(activations) == 1 and activations[0].dtype == torch.bfloat16
     assert activations[0].data_ptr() == x.data_ptr()  # the input itself, no copy
 

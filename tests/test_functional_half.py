@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from c3a.functional import DFT_MAX_BLOCK, add_block_circular_conv, block_circular_conv, circulant_matrix
+from conftest import saved_activations
 
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 ROUNDINGS = {"forward": 6, "grad_x": 6, "grad_k": 5}
@@ -203,15 +204,8 @@ def test_dispatch():
 def test_saves_only_the_input():
     x = torch.randn(64, 32, dtype=torch.bfloat16, requires_grad=True)
     kernel = torch.randn(2, 4, 8, requires_grad=True)
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        add_block_circular_conv(torch.zeros(64, 16, dtype=torch.bfloat16), x, [kernel])
-    activations = [t for t in saved if t.numel() >= x.numel()]
+    result = torch.zeros(64, 16, dtype=torch.bfloat16)
+    activations = saved_activations(lambda: add_block_circular_conv(result, x, [kernel]), x)
     assert len(activations) == 1 and activations[0].data_ptr() == x.data_ptr()  # x itself: no spectrum, no copy
 
 
