@@ -463,11 +463,12 @@ def run_glue_suite(args: argparse.Namespace) -> int:
             f"{'; '.join(diff)}. Use another --out, or --overwrite to rerun them."
         )
 
-    failed = []
+    failed, choices = [], None
     for i, cell in enumerate(cells, 1):
         if cell.row.grid and cell.seed not in select_seeds:
-            choice = _choices([c for c in cells if c.task == cell.task and c.row == cell.row], select_seeds).get(
-                (cell.task, cell.row.spec))
+            if choices is None:  # the selection seeds' cells come first: all of them have run by now
+                choices = _choices(cells, select_seeds)
+            choice = choices.get((cell.task, cell.row.spec))
             if choice is None or choice.point != cell.point:
                 continue  # only the chosen point runs on the other seeds
         if os.path.isfile(cell.results_path) and cell not in stale:
