@@ -196,8 +196,9 @@ def fit(
         save_strategy="no",
         report_to="none",
     )
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available():
-        # without use_cpu, `torchrun` on a CPU-only machine trains every rank on its own (no DDP at all)
+    if not torch.cuda.is_available() and (int(os.environ.get("WORLD_SIZE", 1)) > 1 or config.training_args.get("bf16")):
+        # without use_cpu, `torchrun` on a CPU-only machine trains every rank on its own (no DDP at all), and
+        # Trainer refuses bf16 (CPU autocast needs it)
         defaults["use_cpu"] = True
     args = TrainingArguments(**{**defaults, **config.training_args})  # training_args may override defaults
     keep_best = KeepBest(metric, greater_is_better)
