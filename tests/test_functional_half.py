@@ -201,6 +201,30 @@ def test_dispatch():
         assert "_DftBlockCircularConvBackward" in _graph_nodes(add_block_circular_conv(torch.zeros(3, 16), x, [k_even]))
 
 
+@pytest.mark.parametrize("view", [False, True])
+def test_inplace_accumulates_into_result_with_the_same_gradients(view):
+    """inplace=True (the layer's call): the delta lands in the frozen output's own storage (also when that output
+    is a view, as Conv1D's is) and every gradient equals the copying call's; the default leaves ``result`` alone."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(32, 48, bias=False).bfloat16().requires_grad_(False)
+    kernels = [torch.randn(6, 4, 8), torch.randn(12, 8, 4)]  # two DFT calls: the second accumulates again
+    x0, grad = torch.randn(5, 32).bfloat16(), torch.randn(5, 48).bfloat16()
+    runs = []
+    for inplace in (False, True):
+        x = x0.clone().requires_grad_()
+        ks = [k.clone().requires_grad_() for k in kernels]
+        result = base(x).view(5, 6, 8).view(5, 48) if view else base(x)
+        before = result.detach().clone()
+        y = add_block_circular_conv(result, x, ks, inplace=inplace)
+        assert (y.data_ptr() == result.data_ptr()) == inplace
+        assert torch.equal(result.detach(), y.detach() if inplace else before)
+        y.backward(grad)
+        runs.append((y.detach(), x.grad, [k.grad for k in ks]))
+    (y0, gx0, gk0), (y1, gx1, gk1) = runs
+    assert torch.equal(y0, y1) and torch.equal(gx0, gx1)
+    assert all(torch.equal(a, b) for a, b in zip(gk0, gk1))
+
+
 def test_saves_only_the_input():
     x = torch.randn(64, 32, dtype=torch.bfloat16, requires_grad=True)
     kernel = torch.randn(2, 4, 8, requires_grad=True)

@@ -224,21 +224,25 @@ class _DftBlockCircularConv(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, result, x, w_diag, w_im, dtype):
+    def forward(ctx, result, x, w_diag, w_im, dtype, inplace):
         _, S, n, m = w_diag.shape
         b = 2 * S
         dft = _real_dft_matrix(b, dtype, x.device)
         wd, wi = w_diag.to(dtype), w_im.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
             mixed = _mix_slots(_to_slots(x.reshape(-1, n * b), dft, n), wd, wi)
-            res2 = result.reshape(-1, b)
-            if result.dtype == dtype:  # the inverse GEMM accumulates into the frozen output: no add pass
-                out = torch.addmm(res2, _from_slots(mixed, dft), dft)
-            else:
-                out = (res2 + torch.mm(_from_slots(mixed, dft), dft)).to(result.dtype)
+            delta_rows = _from_slots(mixed, dft)
+            if result.dtype != dtype:  # e.g. an fp32 frozen output: one add in its precision
+                out = torch.add(result, torch.mm(delta_rows, dft).view(result.shape)).to(result.dtype)
+            else:  # the inverse GEMM accumulates into the output: no add pass
+                inplace = inplace and result.is_contiguous()
+                out = result if inplace else result.clone(memory_format=torch.contiguous_format)
+                out.view(-1, b).addmm_(delta_rows, dft)
+                if inplace:
+                    ctx.mark_dirty(result)
         ctx.save_for_backward(x, wd, wi)
         ctx.dtype, ctx.block_dtype = dtype, w_diag.dtype
-        return out.view(result.shape)
+        return out
 
     @staticmethod
     @once_differentiable
@@ -260,12 +264,14 @@ class _DftBlockCircularConv(torch.autograd.Function):
                 grad_wd = _bmm_fp32(spec.view(2 * S, T, n).mT, g_spec.view(2 * S, T, m)).view(2, S, n, m)
                 grad_wi = _bmm_fp32(spec[1].mT, g_spec[0]) - _bmm_fp32(spec[0].mT, g_spec[1])
                 grad_wd, grad_wi = grad_wd.to(ctx.block_dtype), grad_wi.to(ctx.block_dtype)
-        return grad_out if needs[0] else None, grad_x, grad_wd, grad_wi, None
+        return grad_out if needs[0] else None, grad_x, grad_wd, grad_wi, None, None
 
 
-def _dft_conv_add(result: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _dft_conv_add(
+    result: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, dtype: torch.dtype, inplace: bool
+) -> torch.Tensor:
     w_diag, w_im = _dft_mixing_blocks(kernel.to(torch.float64 if dtype == torch.float64 else kernel.dtype))
-    return _DftBlockCircularConv.apply(result, x, w_diag, w_im, dtype)
+    return _DftBlockCircularConv.apply(result, x, w_diag, w_im, dtype, inplace)
 
 
 def _autocast_half_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -289,6 +295,7 @@ def add_block_circular_conv(
     *,
     exact_delta: bool = False,
     path: Optional[str] = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """``result + Σ_k block_circular_conv(x, k)`` in ``result``'s dtype: the adapters' deltas added to a frozen
     layer's output ``result``. The one entry point of the layer's unfolded path.
@@ -311,6 +318,8 @@ def add_block_circular_conv(
             delta*, which is small against the rounding of the output itself.
         path: force ``"dft"`` or ``"fft"`` (benchmarks, tests); ``None`` picks as above. ``"dft"`` with an
             odd block size is an error.
+        inplace: the DFT path may accumulate into ``result``'s own storage (autograd-aware), saving a copy
+            of it — for a caller that owns ``result``, as the layer owns its frozen output.
 
     Gradients (``result``, ``x``, every kernel) are exact to the compute precision on both paths.
     """
@@ -327,6 +336,7 @@ def add_block_circular_conv(
     out_dtype = result.dtype
     if exact_delta:  # one fp32 (fp64) accumulator, rounded once at the end
         wide = torch.float64 if torch.float64 in (x.dtype, result.dtype) else torch.float32
+        inplace = inplace or result.dtype != wide  # the converted copy is ours
         result = result.to(wide)
     for b, kernel in by_block.items():
         chosen = path or ("dft" if half is not None and b % 2 == 0 and b <= DFT_MAX_BLOCK else "fft")
@@ -334,9 +344,10 @@ def add_block_circular_conv(
             if b % 2:
                 raise ValueError(f"the DFT path needs an even block size, got {b}")
             dtype = result.dtype if exact_delta or half is None else half
-            result = _dft_conv_add(result, x, kernel, dtype)
+            result = _dft_conv_add(result, x, kernel, dtype, inplace)
         else:
             result = result + _BlockCircularConv.apply(x, kernel, result.dtype)
+        inplace = True  # a fresh tensor from here on: ours to accumulate into
     return result.to(out_dtype)
 
 

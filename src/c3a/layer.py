@@ -236,7 +236,7 @@ class C3ALinear(nn.Module, C3ALayer):
             return result
         if self.quantization_backend is not None:  # bnb may hand back a view that autograd must not modify
             result = self.quantization_backend.maybe_clone_base_result(result)
-        return add_block_circular_conv(result, x, kernels, exact_delta=exact_delta)
+        return add_block_circular_conv(result, x, kernels, exact_delta=exact_delta, inplace=True)
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str], **kwargs: Any) -> torch.Tensor:
         if self.merged:

@@ -329,7 +329,7 @@ def operator_grid(device: str, dtype: torch.dtype, shapes, block_sizes, token_co
             return run
 
         def ours(path=None):
-            return lambda: add_block_circular_conv(base(x), x, [kernel / d_in], path=path)
+            return lambda: add_block_circular_conv(base(x), x, [kernel / d_in], path=path, inplace=True)  # as the layer
 
         methods = {"frozen": step(lambda: base(x)), "lora": step(lambda: lora(x))}
         if lora_half is not None:
