@@ -354,25 +354,26 @@ def test_suite_checks_every_cell_before_running(model_dir, tmp_path):
     assert not (tmp_path / "grid").exists()
 
 
-def _result(metric: str, value: float, params: int, memory: int) -> dict:
+def _result(metric: str, value: float, params: int, memory: int, seconds: float = 30.0) -> dict:
     return {"main_metric": metric, "test": {metric: value}, "validation": {metric: value / 2}, "trainable_params": params,
-            "peak_memory_bytes": memory, "memory_kind": "cpu_peak_rss"}  # fmt: skip
+            "peak_memory_bytes": memory, "memory_kind": "cpu_peak_rss", "train_seconds": seconds}  # fmt: skip
 
 
 def test_report_table_layout(tmp_path):
     cells = [
         report.Cell("lora", "SST-2", _result("accuracy", 0.78, 1000, 2**20)),
         report.Cell("lora", "SST-2", _result("accuracy", 0.82, 1000, 3 * 2**20)),
-        report.Cell("lora", "CoLA", _result("mcc", 0.40, 1000, 2**20)),
+        report.Cell("lora", "CoLA", _result("mcc", 0.40, 1000, 2**20, seconds=75.0)),
         report.Cell("c3a", "SST-2", _result("accuracy", 0.90, 500, 2**20)),
     ]
     summary = report.write_report(cells, str(tmp_path), rows=["c3a", "lora"], columns=["SST-2", "CoLA"], title="t")
     lines = (tmp_path / "table.md").read_text().splitlines()
-    assert lines[2] == "| Method | # Params | Peak RSS (CPU) | SST-2 (accuracy) | CoLA (mcc) | Avg. |"
-    assert lines[4] == "| c3a | 0.001M | 1 MiB | 90.0 | – | – |"  # no CoLA score: no average
-    assert lines[5] == f"| lora | 0.001M | 3 MiB | 80.0 ± {100 * np.std([0.78, 0.82], ddof=1):.1f} | 40.0 | 60.0 |"
+    assert lines[2] == "| Method | # Params | Peak RSS (CPU) | Train time | SST-2 (accuracy) | CoLA (mcc) | Avg. |"
+    assert lines[4] == "| c3a | 0.001M | 1 MiB | 30 s | 90.0 | – | – |"  # no CoLA score: no average
+    std = 100 * np.std([0.78, 0.82], ddof=1)
+    assert lines[5] == f"| lora | 0.001M | 3 MiB | 2.2 min | 80.0 ± {std:.1f} | 40.0 | 60.0 |"  # 30 + 30 + 75 s
     assert summary.average("lora") == pytest.approx(60.0) and summary.average("c3a") is None
     validation = lines[lines.index("## t: validation (best epoch)") :]
-    assert validation[5] == f"| lora | 0.001M | 3 MiB | 40.0 ± {50 * np.std([0.78, 0.82], ddof=1):.1f} | 20.0 | 30.0 |"
+    assert validation[5] == f"| lora | 0.001M | 3 MiB | 2.2 min | {40:.1f} ± {std / 2:.1f} | 20.0 | 30.0 |"
     assert (tmp_path / "summary.png").stat().st_size > 1000
     assert not math.isnan(summary.scores["lora"]["SST-2"][0])

@@ -1,7 +1,7 @@
 """Tables and charts from experiments' ``results.json``: method rows × task columns, as in the paper.
 
-A result needs ``main_metric``, ``test`` (metric → value), ``trainable_params``, ``peak_memory_bytes`` and
-``memory_kind``; nothing here knows which experiment wrote it.
+A result needs ``main_metric``, ``test`` (metric → value), ``trainable_params``, ``peak_memory_bytes``,
+``memory_kind`` and ``train_seconds``; nothing here knows which experiment wrote it.
 """
 
 from __future__ import annotations
@@ -40,17 +40,22 @@ def _params(values: set[int]) -> str:
     return text if low == high else f"{text}–{high / 1e6:.3f}M"
 
 
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
 def _mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.1f}" if len(values) == 1 else f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
 
 
 @dataclass
 class Summary:
-    """Per row: scores per column (one per seed), parameter counts, peak memory and its kind."""
+    """Per row: scores per column (one per seed), parameter counts, peak memory and its kind, training time."""
 
     scores: dict[str, dict[str, list[float]]]
     params: dict[str, set[int]]
     memory: dict[str, tuple[int, str]]
+    seconds: dict[str, float]  # training wall time summed over the row's runs
     metrics: dict[str, str]  # column → its main metric
     rows: list[str]
     columns: list[str]
@@ -71,22 +76,24 @@ def summarize(
     scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     params: dict[str, set[int]] = defaultdict(set)
     memory: dict[str, tuple[int, str]] = {}
+    seconds: dict[str, float] = defaultdict(float)
     metrics: dict[str, str] = {}
     for cell in cells:
         r = cell.results
         scores[cell.row][cell.column].append(score(r, split))
         params[cell.row].add(int(r["trainable_params"]))
+        seconds[cell.row] += r["train_seconds"]
         if cell.row not in memory or r["peak_memory_bytes"] > memory[cell.row][0]:
             memory[cell.row] = (r["peak_memory_bytes"], r["memory_kind"])
         metrics[cell.column] = r["main_metric"]
-    return Summary(scores, params, memory, metrics, rows, columns, split)
+    return Summary(scores, params, memory, seconds, metrics, rows, columns, split)
 
 
 def markdown_table(summary: Summary, title: Optional[str] = None) -> str:
     s = summary
     kinds = {kind for _, kind in s.memory.values()}
     memory_header = "Peak memory" if len(kinds) != 1 else {"cuda_max_allocated": "Peak GPU mem", "cpu_peak_rss": "Peak RSS (CPU)"}.get(next(iter(kinds)), "Peak memory")
-    header = ["Method", "# Params", memory_header, *(f"{c} ({s.metrics.get(c, '?')})" for c in s.columns), "Avg."]
+    header = ["Method", "# Params", memory_header, "Train time", *(f"{c} ({s.metrics.get(c, '?')})" for c in s.columns), "Avg."]
     lines = [f"## {title}", ""] if title else []
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     runs = set()
@@ -100,7 +107,8 @@ def markdown_table(summary: Summary, title: Optional[str] = None) -> str:
         memory_bytes, kind = s.memory[row]
         memory = _bytes(memory_bytes) + ("" if len(kinds) == 1 else f" ({kind})")
         lines.append(
-            "| " + " | ".join([row, _params(s.params[row]), memory, *cells, "–" if average is None else f"{average:.1f}"]) + " |"
+            "| " + " | ".join([row, _params(s.params[row]), memory, _minutes(s.seconds[row]), *cells,
+                               "–" if average is None else f"{average:.1f}"]) + " |"
         )
     seeds = "/".join(str(n) for n in sorted(runs - {0}))
     lines += [
@@ -108,7 +116,7 @@ def markdown_table(summary: Summary, title: Optional[str] = None) -> str:
         ("Test scores ×100 at the epoch with the best validation score" if s.split == "test" else f"Best {s.split} scores ×100")
         + f"; mean ± sample std over {seeds} run(s) per cell. "
         "Avg. = mean of the column means. # Params: trainable parameters without the task head. "
-        "Memory: the highest over the row's runs; "
+        "Train time: training wall time summed over the row's runs here. Memory: the highest over the row's runs; "
         + "; ".join(f"{k} = {MEMORY_KINDS.get(k, k)}" for k in sorted(kinds))
         + ".",
         "",
