@@ -1,5 +1,5 @@
-import copy
 import contextlib
+import copy
 import io
 import json
 import os
@@ -140,6 +140,59 @@ def test_rank_reads_peft_adapters_and_sub_folders(tmp_path):
     os.remove(tmp_path / "adapter_config.json")
     with pytest.raises(FileNotFoundError, match="sub-folders: other"):
         adapter_ranks(tmp_path)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_rank_of_lora_adapters_matches_dense(tmp_path, use_rslora):
+    """LoRA adapters (for comparison): rank and singular values of scaling·B·A from the factors, as the dense
+    matrix gives them — including a layer whose factors are deliberately rank-deficient and an alpha_pattern."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], use_rslora=use_rslora,
+                        alpha_pattern={"layer.1.attention.self.value": 2})  # fmt: skip
+    model = get_peft_model(_tiny_roberta(), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p))
+                if "layer.0.attention.self.query.lora_A" in name:
+                    p[2:] = p[:2]  # two repeated rows: rank 2 of r = 4
+    model.save_pretrained(tmp_path / "lora")
+    layers = adapter_ranks(tmp_path / "lora")
+    assert [layer.rank for layer in layers] == [2, 4, 4, 4]
+    for layer in layers:
+        module = model.base_model.model.get_submodule(layer.name)
+        dense = module.lora_B["default"].weight.double() @ module.lora_A["default"].weight.double() * module.scaling["default"]
+        assert layer.rank == int(torch.linalg.matrix_rank(dense)) and layer.lora_rank == 4 and layer.block_size is None
+        torch.testing.assert_close(layer.singular_values, torch.linalg.svdvals(dense)[:4], rtol=1e-9, atol=1e-12)
+    in_memory = adapter_ranks(model)  # the PeftModel itself: the same answer
+    assert [(x.name, x.rank) for x in in_memory] == [(x.name, x.rank) for x in layers]
+    for x, y in zip(in_memory, layers):
+        torch.testing.assert_close(x.singular_values, y.singular_values, rtol=0, atol=0)
+
+
+def test_rank_command_over_several_adapters(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    c3a_model = get_c3a_model(_tiny_roberta(), C3AConfig(block_size=8, target_modules=["query", "value"]))
+    with torch.no_grad():
+        for _, layer in c3a_layers(c3a_model):
+            layer.c3a_kernel["default"].normal_()
+    c3a_model.save_pretrained(tmp_path / "c3a")
+    lora = get_peft_model(_tiny_roberta(), LoraConfig(r=2, target_modules=["query"]))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    lora.save_pretrained(tmp_path / "lora")
+    out = _run("rank", str(tmp_path / "c3a"), str(tmp_path / "lora"), "--plot", str(tmp_path / "s.png"))
+    assert "LoRA r=2" in out and "full rank: 4 of 4 layers" in out and "full rank: 0 of 2 layers" in out
+    assert "all 2 adapters: full rank: 4 of 6 layers (66.7%); rank 2 of 32: 2, rank 32 of 32: 4" in out
+    report = json.loads(_run("rank", str(tmp_path / "c3a"), str(tmp_path / "lora"), "--json"))
+    assert report["full_rank_fraction"] == pytest.approx(4 / 6)
+    assert report["rank_counts"] == [{"rank": 2, "max": 32, "layers": 2}, {"rank": 32, "max": 32, "layers": 4}]
+    assert report["adapters"][str(tmp_path / "lora")]["layers"][0]["lora_rank"] == 2
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # -- LoRA export ------------------------------------------------------------------------------------------

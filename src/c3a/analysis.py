@@ -93,8 +93,17 @@ def delta_rank(kernel: torch.Tensor) -> int:
 # -- adapters on disk or in memory ------------------------------------------------------------------------
 
 
-def load_adapter(source: Any, adapter_name: str = "default") -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(adapter config as a dict, state dict with PEFT's key names)`` of a C³A adapter.
+def _check_type(config: dict, where: str, peft_types: tuple[str, ...]) -> None:
+    peft_type = str(getattr(config.get("peft_type"), "value", config.get("peft_type", "C3A")))
+    if peft_type not in peft_types:
+        raise ValueError(f"{where} is a {peft_type} adapter, not {' or '.join(peft_types)}")
+
+
+def load_adapter(
+    source: Any, adapter_name: str = "default", peft_types: tuple[str, ...] = ("C3A",)
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(adapter config as a dict, state dict with PEFT's key names)`` of a C³A adapter (or of another of
+    ``peft_types``).
 
     ``source`` is a ``peft.PeftModel`` with C³A adapters (its adapter ``adapter_name``), a folder written by
     ``save_pretrained`` (a non-default adapter's sub-folder may be passed directly), or a hub id.
@@ -105,6 +114,7 @@ def load_adapter(source: Any, adapter_name: str = "default") -> tuple[dict, dict
         configs = getattr(source, "peft_config", {})
         if adapter_name not in configs:
             raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(configs)}")
+        _check_type(configs[adapter_name].to_dict(), f"adapter {adapter_name!r}", peft_types)
         state = get_peft_model_state_dict(source, adapter_name=adapter_name)
         if not state.keys() or next(iter(state)).startswith(PREFIX):  # a PeftModel; a bare tuned model lacks the prefix
             return configs[adapter_name].to_dict(), state
@@ -117,8 +127,7 @@ def load_adapter(source: Any, adapter_name: str = "default") -> tuple[dict, dict
     config = C3AConfig.from_json_file(os.path.join(path, CONFIG_NAME))  # a cut file: IncompleteCheckpointError
     if not isinstance(config, dict):
         raise IncompleteCheckpointError(f"{os.path.join(path, CONFIG_NAME)} is not an adapter config (not a JSON object)")
-    if config.get("peft_type", "C3A") != "C3A":
-        raise ValueError(f"{path} is a {config['peft_type']} adapter, not C3A")
+    _check_type(config, path, peft_types)
     if not any(os.path.isfile(os.path.join(path, w)) for w in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)):
         raise FileNotFoundError(f"no {SAFETENSORS_WEIGHTS_NAME} in {path}")
     checked = verify_checkpoint(path, config.pop(CHECKPOINT_KEY, None))  # one save, or a mixed/partial error
@@ -177,17 +186,19 @@ class LayerRank:
 
     name: str
     shape: tuple[int, int]  # (d_out, d_in)
-    block_size: int
+    block_size: Optional[int]  # None for a LoRA layer
     rank: int
     singular_values: torch.Tensor = field(repr=False)
+    lora_rank: Optional[int] = None  # r of a LoRA layer (ΔW = scaling · B·A)
 
     @property
     def full_rank(self) -> bool:
         return self.rank == min(self.shape)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "block_size": self.block_size, "rank": self.rank,
-                "full_rank": self.full_rank}
+        out = {"name": self.name, "shape": list(self.shape), "block_size": self.block_size, "rank": self.rank,
+               "full_rank": self.full_rank}
+        return out if self.lora_rank is None else {**out, "lora_rank": self.lora_rank}
 
 
 def layer_rank(name: str, kernel: torch.Tensor) -> LayerRank:
@@ -196,9 +207,49 @@ def layer_rank(name: str, kernel: torch.Tensor) -> LayerRank:
     return LayerRank(name, (m * b, n * b), b, _rank(values, kernel), values / (n * b))
 
 
+def lora_layer_ranks(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[LayerRank]:
+    """Rank and spectrum of each layer's ``ΔW = scaling · B·A`` of a PEFT LoRA adapter, for comparison with C³A.
+
+    Computed from the factors alone: with ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A``, ``B·A`` has the singular values of
+    the ``r×r`` matrix ``R_B R_Aᵀ``. Rank tolerance as for C³A (``matrix_rank``'s default for the dense matrix).
+    DoRA adapters are refused: their delta depends on the base weight.
+    """
+    from peft.utils.other import get_pattern_key
+
+    if config.get("use_dora"):
+        raise ValueError("a DoRA adapter's ΔW depends on the base weight, which the adapter does not hold")
+    factors = {}
+    for key, value in state.items():
+        for part in ("lora_A", "lora_B"):
+            if key.endswith(f".{part}.weight"):
+                factors.setdefault(key.removeprefix(PREFIX)[: -len(f".{part}.weight")], {})[part] = value
+    layers = []
+    for name, f in factors.items():
+        if set(f) != {"lora_A", "lora_B"} or f["lora_A"].dim() != 2:
+            continue  # embedding or convolution LoRA layers: not linear maps of this form
+        a, b = f["lora_A"].detach().double(), f["lora_B"].detach().double()
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise ValueError(f"the adapter's LoRA factors hold NaN/inf values in layer {name}")
+        r = a.shape[0]
+        alphas = config.get("alpha_pattern") or {}
+        alpha = alphas.get(get_pattern_key(list(alphas), name), config.get("lora_alpha", r))
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        values = torch.linalg.svdvals(torch.linalg.qr(b).R @ torch.linalg.qr(a.T).R.T).abs() * abs(scaling)
+        eps = torch.finfo(torch.promote_types(f["lora_A"].dtype, torch.float32)).eps
+        shape = (b.shape[0], a.shape[1])
+        tol = values.max() * max(shape) * eps if values.numel() else 0.0
+        layers.append(LayerRank(name, shape, None, int((values > tol).sum()), values.sort(descending=True).values, r))
+    if not layers:
+        raise ValueError("no LoRA factors (keys ending in .lora_A.weight / .lora_B.weight) in the adapter")
+    return layers
+
+
 def adapter_ranks(source: Any, adapter_name: str = "default") -> list[LayerRank]:
-    """Exact rank and spectrum of every adapted layer's ΔW (see :func:`load_adapter` for ``source``)."""
-    _, state = load_adapter(source, adapter_name)
+    """Exact rank and spectrum of every adapted layer's ΔW (see :func:`load_adapter` for ``source``), for C³A
+    adapters and, for comparison, PEFT LoRA adapters (:func:`lora_layer_ranks`)."""
+    config, state = load_adapter(source, adapter_name, peft_types=("C3A", "LORA"))
+    if str(getattr(config.get("peft_type"), "value", config.get("peft_type"))) == "LORA":
+        return lora_layer_ranks(config, state)
     return [layer_rank(name, kernel) for name, kernel in adapter_kernels(state).items()]
 
 

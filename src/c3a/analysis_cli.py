@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from . import analysis
 from .argtypes import positive_int
@@ -24,7 +25,9 @@ def _number(x: float) -> str:
 
 
 def add_rank_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("adapter", help="adapter folder (written by save_pretrained), or a hub id")
+    p.add_argument("adapter", nargs="+",
+                   help="adapter folder(s) (written by save_pretrained) or hub id(s): C3A, or PEFT LoRA for comparison; "
+                        "with several, each one's table and then the share of full-rank layers over all of them")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--plot", metavar="FILE.png", help="also draw each layer's singular-value spectrum")
 
@@ -44,7 +47,7 @@ def plot_spectra(layers: list[analysis.LayerRank], path: str) -> None:
                     label=f"{layer.name} (rank {layer.rank})")
     ax.set_xlabel("index")
     ax.set_ylabel("singular value of ΔW")
-    ax.set_title("Singular values of each layer's ΔW = C_blk(kernel) / d_in")
+    ax.set_title("Singular values of each layer's ΔW")
     if len(layers) <= 10:
         ax.legend(fontsize="small")
     fig.tight_layout()
@@ -53,18 +56,45 @@ def plot_spectra(layers: list[analysis.LayerRank], path: str) -> None:
     plt.close(fig)
 
 
+def _structure(layer: analysis.LayerRank) -> str:
+    return f"LoRA r={layer.lora_rank}" if layer.lora_rank is not None else str(layer.block_size)
+
+
+def _rank_summary(layers: list[analysis.LayerRank]) -> str:
+    full = sum(layer.full_rank for layer in layers)
+    return f"full rank: {full} of {len(layers)} layers ({100 * full / len(layers):.1f}%)"
+
+
 def run_rank(args: argparse.Namespace) -> int:
-    layers = analysis.adapter_ranks(args.adapter)
+    per_adapter = {source: analysis.adapter_ranks(source) for source in args.adapter}
+    layers = [layer for found in per_adapter.values() for layer in found]
     fraction = sum(layer.full_rank for layer in layers) / len(layers)
     if args.plot:
-        plot_spectra(layers, args.plot)
+        several = len(per_adapter) > 1
+        plot_spectra([dataclasses.replace(layer, name=f"{source}: {layer.name}") if several else layer
+                      for source, found in per_adapter.items() for layer in found], args.plot)  # fmt: skip
+    ranks = dict(sorted(Counter((layer.rank, min(layer.shape)) for layer in layers).items()))
     if args.json:
-        print(json.dumps({"layers": [layer.to_dict() for layer in layers], "full_rank_fraction": fraction}, indent=2))
+        if len(per_adapter) == 1:
+            report = {"layers": [layer.to_dict() for layer in layers], "full_rank_fraction": fraction}
+        else:
+            report = {"adapters": {source: {"layers": [layer.to_dict() for layer in found],
+                                            "full_rank_fraction": sum(x.full_rank for x in found) / len(found)}
+                                   for source, found in per_adapter.items()},
+                      "full_rank_fraction": fraction,
+                      "rank_counts": [{"rank": r, "max": m, "layers": n} for (r, m), n in ranks.items()]}  # fmt: skip
+        print(json.dumps(report, indent=2))
         return 0
-    rows = [[layer.name, f"{layer.shape[0]}×{layer.shape[1]}", layer.block_size, layer.rank,
-             "yes" if layer.full_rank else f"no (max {min(layer.shape)})"] for layer in layers]
-    print(_table(["layer", "d_out×d_in", "block size", "rank of ΔW", "full rank"], rows))
-    print(f"\nfull rank: {sum(layer.full_rank for layer in layers)} of {len(layers)} layers ({100 * fraction:.1f}%)")
+    for source, found in per_adapter.items():
+        if len(per_adapter) > 1:
+            print(f"## {source}\n")
+        rows = [[layer.name, f"{layer.shape[0]}×{layer.shape[1]}", _structure(layer), layer.rank,
+                 "yes" if layer.full_rank else f"no (max {min(layer.shape)})"] for layer in found]  # fmt: skip
+        print(_table(["layer", "d_out×d_in", "block size", "rank of ΔW", "full rank"], rows))
+        print(f"\n{_rank_summary(found)}\n")
+    if len(per_adapter) > 1:
+        counts = ", ".join(f"rank {r} of {m}: {n}" for (r, m), n in ranks.items())
+        print(f"all {len(per_adapter)} adapters: {_rank_summary(layers)}; {counts}")
     if args.plot:
         print(f"spectra: {args.plot}")
     return 0
