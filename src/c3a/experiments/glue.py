@@ -286,6 +286,10 @@ def add_glue_suite_arguments(parser: argparse.ArgumentParser) -> None:
         help="seeds whose validation scores choose the grid point (default: all --seeds); the other seeds run at "
         "the chosen point only, once it is known",
     )
+    parser.add_argument(
+        "--task-options", nargs="+", default=[], metavar="TASK:OPTION=VALUE",
+        help="settings for one task's cells, e.g. mrpc:epochs=10 (a row's own options win)",
+    )
     parser.add_argument("--out", required=True, help="grid folder: <task>/<row>/[<grid point>/]seed<k>/results.json, table.md, summary.png")
     parser.add_argument("--overwrite", action="store_true", help="rerun cells whose recorded settings differ from the requested ones (default: stop and name them)")
     _add_shared_arguments(parser)
@@ -311,12 +315,8 @@ class Row:
         return grid_points(self.grid)
 
 
-def parse_row(spec: str, default_grid: bool = False) -> Row:
-    """``NAME[:option=value...]``; ``value1,value2,...`` makes a grid. ``default_grid``: without an ``lr`` option the
-    row takes its method's default grid (:attr:`Method.grid`)."""
-    method, *options = spec.split(":")
-    if method not in METHODS:
-        raise ValueError(f"method {method!r} in {spec!r} is unknown; choose from {', '.join(METHODS)}")
+def _options(options: list[str], spec: str) -> tuple[list[str], list[tuple[str, tuple[str, ...]]]]:
+    """``NAME=VALUE`` pieces of ``spec`` → (``c3a glue`` flags of the single values, grid of the multi-valued)."""
     argv, grid = [], []
     for option in options:
         name, equals, value = option.partition("=")
@@ -327,6 +327,31 @@ def parse_row(spec: str, default_grid: bool = False) -> Row:
             grid.append((name, values))
         else:
             argv += [f"--{name}", values[0]]
+    return argv, grid
+
+
+def parse_task_options(specs: list[str], tasks: list[str]) -> dict[str, tuple[str, ...]]:
+    """``TASK:option=value[:...]`` → ``{task: c3a glue flags}``: per-task settings such as epochs (a row's own
+    options still win)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for spec in specs:
+        task, *options = spec.split(":")
+        if task not in tasks:
+            raise ValueError(f"--task-options {spec!r}: task {task!r} is not among --tasks ({', '.join(tasks)})")
+        argv, grid = _options(options, spec)
+        if grid or not argv:
+            raise ValueError(f"--task-options {spec!r}: give TASK:option=value, one value per option")
+        out[task] = out.get(task, ()) + tuple(argv)
+    return out
+
+
+def parse_row(spec: str, default_grid: bool = False) -> Row:
+    """``NAME[:option=value...]``; ``value1,value2,...`` makes a grid. ``default_grid``: without an ``lr`` option the
+    row takes its method's default grid (:attr:`Method.grid`)."""
+    method, *options = spec.split(":")
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} in {spec!r} is unknown; choose from {', '.join(METHODS)}")
+    argv, grid = _options(options, spec)
     named = {name for name, _ in grid} | {a[2:] for a in argv[::2]}
     if default_grid and "lr" not in named:
         grid += [(name, values) for name, values in METHODS[method].grid if name not in named]
@@ -439,6 +464,7 @@ def run_glue_suite(args: argparse.Namespace) -> int:
     if not set(select_seeds) <= set(seeds):
         raise ValueError(f"--select-seeds {select_seeds} must be among --seeds {seeds}")
     rows = [parse_row(spec, default_grid=args.lr is None) for spec in _row_specs(args.methods)]
+    per_task = parse_task_options(args.task_options, tasks)
     shared = _shared_argv(args)
     glue_parser = argparse.ArgumentParser(prog="c3a glue")
     add_glue_arguments(glue_parser)
@@ -450,7 +476,7 @@ def run_glue_suite(args: argparse.Namespace) -> int:
                 for point in row.points():
                     folder = os.path.join(args.out, task, row.folder, point.folder, f"seed{seed}")
                     argv = ("--task", task, "--method", row.method, "--seed", str(seed), "--out", folder,
-                            *shared, *row.argv, *point.argv)  # fmt: skip
+                            *shared, *per_task.get(task, ()), *row.argv, *point.argv)  # fmt: skip
                     cell = SuiteCell(task, row, point, seed, folder, argv)
                     requested[cell] = glue_parser.parse_args(argv)  # a bad option fails now, not after hours
                     cells.append(cell)
