@@ -96,6 +96,24 @@ def test_glue_saves_the_trained_adapter(model_dir, data_dir, tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 
 
+def test_shortcut_models_save_adapters_naming_the_hub_id(model_dir, tmp_path, monkeypatch):
+    """A shortcut (the packaged MiniLM) resolves to a local folder, but what is saved names the hub id: neither
+    adapter_config.json nor PEFT's model card carries this machine's path."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from c3a.experiments import train
+
+    monkeypatch.setitem(train.SHORTCUT_HUB_IDS, "tiny", "org/tiny-bert")
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    model = get_peft_model(train.name_as_given(model, "tiny"), LoraConfig(target_modules=["query"]))
+    model.save_pretrained(tmp_path / "adapter")
+    saved = (tmp_path / "adapter" / "adapter_config.json").read_text() + (tmp_path / "adapter" / "README.md").read_text()
+    assert "org/tiny-bert" in saved and model_dir not in saved
+    as_given = train.name_as_given(AutoModelForSequenceClassification.from_pretrained(model_dir), model_dir)
+    assert as_given.name_or_path == as_given.config._name_or_path == model_dir  # a hub id or folder: left alone
+
+
 def test_glue_runs_every_method(model_dir, data_dir, tmp_path):
     config = BertConfig(vocab_size=len(SPECIALS) + len(WORDS), **TINY)
     params = {n: p.numel() for n, p in BertForSequenceClassification(config).named_parameters()}

@@ -214,7 +214,7 @@ def run_glue(args: argparse.Namespace) -> int:
     from transformers import DataCollatorWithPadding, set_seed
 
     from c3a.experiments.train import (
-        SHORTCUT_HUB_IDS, end_distributed, evaluate, fit, head_modules, method_options, resolve_model, results_record,
+        end_distributed, evaluate, fit, head_modules, method_options, name_as_given, resolve_model, results_record,
         train_config, write_results,
     )
 
@@ -227,6 +227,7 @@ def run_glue(args: argparse.Namespace) -> int:
         load_task(args.task, args.data_dir), args.seed, args.validation_size, args.max_train_samples, args.max_test_samples
     )
     tokenizer, model = _load_model(resolve_model(args.model), task.num_labels)
+    model = name_as_given(model, args.model)
     head = head_modules(model)
     model = build_method(model, args.method, method_options(args, head))
     data = {name: tokenize(split, tokenizer, task, args.max_length, args.pad_to_max_length) for name, split in splits.items()}
@@ -251,8 +252,6 @@ def run_glue(args: argparse.Namespace) -> int:
         config=dict(lr=config.lr, head_lr=config.head_lr, weight_decay=config.weight_decay, head=head, out=out),
     )
     if args.save_adapter and hasattr(model, "peft_config"):  # before results.json: a finished cell has both
-        for adapter_config in model.peft_config.values():  # the model as the user named it, not a resolved path
-            adapter_config.base_model_name_or_path = SHORTCUT_HUB_IDS.get(args.model, args.model)
         model.save_pretrained(os.path.join(out, "adapter"))
     write_results(os.path.join(out, "results.json"), results)
     metric = task.metrics[0]

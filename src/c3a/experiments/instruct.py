@@ -286,7 +286,7 @@ def run_sft(args: argparse.Namespace) -> int:
 
     from c3a.experiments.methods import build_method, trainable_parameters
     from c3a.experiments.train import (
-        end_distributed, fit, method_options, resolve_model, results_record, train_config, write_results,
+        end_distributed, fit, method_options, name_as_given, resolve_model, results_record, train_config, write_results,
     )
 
     fmt = FORMATS[args.format]
@@ -297,6 +297,7 @@ def run_sft(args: argparse.Namespace) -> int:
         load_source(args.data, args.data_config), fmt, args.seed, eval_raw, args.eval_samples, args.validation_size, args.max_train_samples
     )
     tokenizer, model = _load_model(resolve_model(args.model), args.bf16)
+    model = name_as_given(model, args.model)
     model = build_method(model, args.method, method_options(args, head=[]))  # the LM head is pretrained: no task head
     if trainable_parameters(model) == 0:  # e.g. bitfit on a model without biases (Llama)
         raise ValueError(f"method {args.method!r} leaves no trainable parameter in {args.model}")

@@ -45,6 +45,14 @@ def resolve_model(name: str) -> str:
     return os.path.join(os.path.dirname(spec.origin), folder)
 
 
+def name_as_given(model: nn.Module, name: str) -> nn.Module:
+    """``model`` naming itself as the user named it: a shortcut's hub id, not this machine's install path, so that
+    saved adapters (``base_model_name_or_path``) and PEFT's model cards carry no local path."""
+    if name in SHORTCUT_HUB_IDS:
+        model.config._name_or_path = model.name_or_path = SHORTCUT_HUB_IDS[name]
+    return model
+
+
 def head_modules(model: nn.Module) -> list[str]:
     """Names of the top-level modules outside ``model.base_model``: the task head that produces the logits
     (``classifier`` for BERT/RoBERTa, ``score`` for decoder models, ...)."""

@@ -116,7 +116,8 @@ def run_vit(args: argparse.Namespace) -> int:
 
     from c3a.experiments.methods import build_method, trainable_parameters
     from c3a.experiments.train import (
-        end_distributed, evaluate, fit, head_modules, method_options, resolve_model, results_record, train_config, write_results,
+        end_distributed, evaluate, fit, head_modules, method_options, name_as_given, resolve_model, results_record,
+        train_config, write_results,
     )
     from c3a.paper_models import query_value_targets
 
@@ -138,6 +139,7 @@ def run_vit(args: argparse.Namespace) -> int:
         label2id={label: i for i, label in enumerate(labels)},
         ignore_mismatched_sizes=True,  # a new head for these classes
     )
+    model = name_as_given(model, args.model)
     head = head_modules(model)
     options = method_options(args, head)
     options.targets = options.targets or query_value_targets(model)  # the paper's: attention query and value
