@@ -329,14 +329,15 @@ def _options(options: list[str], spec: str) -> tuple[list[str], list[tuple[str, 
     return argv, grid
 
 
-def parse_task_options(specs: list[str], tasks: list[str]) -> dict[str, tuple[str, ...]]:
+def parse_task_options(specs: list[str]) -> dict[str, tuple[str, ...]]:
     """``TASK:option=value[:...]`` → ``{task: c3a glue flags}``: per-task settings such as epochs (a row's own
-    options still win)."""
+    options still win). A task not in this suite's ``--tasks`` is allowed (one command split over processes by
+    task keeps its options), an unknown one is not."""
     out: dict[str, tuple[str, ...]] = {}
     for spec in specs:
         task, *options = spec.split(":")
-        if task not in tasks:
-            raise ValueError(f"--task-options {spec!r}: task {task!r} is not among --tasks ({', '.join(tasks)})")
+        if task not in TASKS:
+            raise ValueError(f"--task-options {spec!r}: unknown task {task!r}; choose from {', '.join(TASKS)}")
         argv, grid = _options(options, spec)
         if grid or not argv:
             raise ValueError(f"--task-options {spec!r}: give TASK:option=value, one value per option")
@@ -463,7 +464,7 @@ def run_glue_suite(args: argparse.Namespace) -> int:
     if not set(select_seeds) <= set(seeds):
         raise ValueError(f"--select-seeds {select_seeds} must be among --seeds {seeds}")
     rows = [parse_row(spec, default_grid=args.lr is None) for spec in _row_specs(args.methods)]
-    per_task = parse_task_options(args.task_options, tasks)
+    per_task = parse_task_options(args.task_options)
     shared = _shared_argv(args)
     glue_parser = argparse.ArgumentParser(prog="c3a glue")
     add_glue_arguments(glue_parser)
