@@ -421,9 +421,9 @@ def test_exact_delta_flag_reaches_the_operator(tiny_bert, monkeypatch, tmp_path)
     seen = []
     real = c3a.layer.add_block_circular_conv
 
-    def spy(result, x, kernels, *, exact_delta=False, path=None):
+    def spy(result, x, kernels, *, exact_delta=False, **kwargs):
         seen.append(exact_delta)
-        return real(result, x, kernels, exact_delta=exact_delta, path=path)
+        return real(result, x, kernels, exact_delta=exact_delta, **kwargs)
 
     monkeypatch.setattr(c3a.layer, "add_block_circular_conv", spy)
     base = copy.deepcopy(tiny_bert).to(torch.bfloat16)
