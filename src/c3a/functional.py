@@ -221,6 +221,8 @@ class _DftBlockCircularConv(torch.autograd.Function):
     """``result + x @ C(kernel)ᵀ`` through the real DFT as GEMMs, in ``dtype`` (operands) with fp32 accumulation.
 
     Saved for backward: ``x`` as it came (no spectrum: backward recomputes it, one GEMM) and the small blocks.
+    ``inplace``: the inverse GEMM accumulates into ``result`` itself (marked dirty for autograd) when it is
+    contiguous; otherwise into a copy.
     """
 
     @staticmethod
