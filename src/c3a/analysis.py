@@ -234,11 +234,11 @@ def lora_layer_ranks(config: Mapping[str, Any], state: Mapping[str, torch.Tensor
         alphas = config.get("alpha_pattern") or {}
         alpha = alphas.get(get_pattern_key(list(alphas), name), config.get("lora_alpha", r))
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        values = torch.linalg.svdvals(torch.linalg.qr(b).R @ torch.linalg.qr(a.T).R.T).abs() * abs(scaling)
+        values = torch.linalg.svdvals(torch.linalg.qr(b).R @ torch.linalg.qr(a.T).R.T) * abs(scaling)  # descending
         eps = torch.finfo(torch.promote_types(f["lora_A"].dtype, torch.float32)).eps
         shape = (b.shape[0], a.shape[1])
         tol = values.max() * max(shape) * eps if values.numel() else 0.0
-        layers.append(LayerRank(name, shape, None, int((values > tol).sum()), values.sort(descending=True).values, r))
+        layers.append(LayerRank(name, shape, None, int((values > tol).sum()), values, r))
     if not layers:
         raise ValueError("no LoRA factors (keys ending in .lora_A.weight / .lora_B.weight) in the adapter")
     return layers
