@@ -365,6 +365,25 @@ def test_suite_grid_selects_on_validation_and_resumes(model_dir, data_dir, tmp_p
         main([*argv, "--epochs", "2"])
 
 
+def test_suite_tables_follow_every_finished_cell(model_dir, data_dir, tmp_path, monkeypatch):
+    """A suite stopped while its second cell runs still leaves table.md, selection.json and the chart of the first."""
+    out, calls, real = tmp_path / "grid", [], glue.subprocess.run
+
+    def run(command, *args, **kwargs):
+        calls.append(command)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # e.g. the machine's session ends here
+        return real(command, *args, **kwargs)
+
+    monkeypatch.setattr(glue.subprocess, "run", run)
+    with pytest.raises(KeyboardInterrupt):
+        main(["glue-suite", "--model", model_dir, "--data-dir", data_dir, "--tasks", "sst2", "--seeds", "0",
+              "--methods", "head:head-lr=1e-3", "bitfit:lr=1e-3", "--out", str(out), *RUN])  # fmt: skip
+    table = (out / "table.md").read_text()
+    assert "| head (head-lr=1e-3) |" in table and "bitfit" not in table
+    assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG" and json.loads((out / "selection.json").read_text()) == {}
+
+
 def test_suite_task_options_set_one_tasks_cells(model_dir, data_dir, tmp_path):
     """--task-options mrpc:epochs=2: MRPC's cells train 2 epochs, SST-2's the suite's 1; a row's option wins; options
     for a known task outside --tasks are accepted (one command split over processes), unknown tasks are not."""

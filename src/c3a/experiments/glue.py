@@ -453,9 +453,6 @@ def _choices(cells: list[SuiteCell], select_seeds: list[int]) -> dict[tuple[str,
 
 
 def run_glue_suite(args: argparse.Namespace) -> int:
-    from c3a.experiments.report import Cell, write_report
-    from c3a.experiments.train import write_results
-
     tasks, seeds = _list(args.tasks), [int(s) for s in _list(args.seeds)]
     select_seeds = [int(s) for s in _list(args.select_seeds)] if args.select_seeds else seeds
     unknown = [t for t in tasks if t not in TASKS]
@@ -504,6 +501,22 @@ def run_glue_suite(args: argparse.Namespace) -> int:
         # one process per cell: peak RSS is a per-process high-water mark
         if subprocess.run([sys.executable, "-m", "c3a.cli", "glue", *cell.argv]).returncode != 0:
             failed.append(cell.folder)
+        else:  # the tables follow every finished cell: a long suite stopped midway still leaves them current
+            _write_suite_report(args, rows, tasks, cells, select_seeds)
+
+    if _write_suite_report(args, rows, tasks, cells, select_seeds):
+        print(f"table: {os.path.join(args.out, 'table.md')}, chart: {os.path.join(args.out, 'summary.png')}")
+    if failed:
+        print(f"{len(failed)} cell(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _write_suite_report(args, rows: list[Row], tasks: list[str], cells: list[SuiteCell], select_seeds: list[int]) -> bool:
+    """table.md, summary.png and selection.json from the cells finished so far (test at chosen points only; a grid
+    still incomplete on the selection seeds contributes no row yet). False when nothing has finished."""
+    from c3a.experiments.report import Cell, write_report
+    from c3a.experiments.train import write_results
 
     choices = _choices(cells, select_seeds)
     finished = []
@@ -514,24 +527,21 @@ def run_glue_suite(args: argparse.Namespace) -> int:
         results = _load(cell)
         if results is not None:
             finished.append(Cell(cell.row.label, TASKS[cell.task].title, results))
-    if finished:
-        write_report(
-            finished,
-            args.out,
-            rows=[row.label for row in rows],
-            columns=[TASKS[t].title for t in tasks],
-            title=f"GLUE, model {args.model}",
-            notes=selection_notes(rows, tasks, choices, select_seeds),
-        )
-        write_results(os.path.join(args.out, "selection.json"), {
-            f"{task}/{spec}": {"chosen": c.point.label, "validation_means": {p.label: m for p, m in c.means.items()}}
-            for (task, spec), c in choices.items()
-        })  # fmt: skip
-        print(f"table: {os.path.join(args.out, 'table.md')}, chart: {os.path.join(args.out, 'summary.png')}")
-    if failed:
-        print(f"{len(failed)} cell(s) failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    if not finished:
+        return False
+    write_report(
+        finished,
+        args.out,
+        rows=[row.label for row in rows],
+        columns=[TASKS[t].title for t in tasks],
+        title=f"GLUE, model {args.model}",
+        notes=selection_notes(rows, tasks, choices, select_seeds),
+    )
+    write_results(os.path.join(args.out, "selection.json"), {
+        f"{task}/{spec}": {"chosen": c.point.label, "validation_means": {p.label: m for p, m in c.means.items()}}
+        for (task, spec), c in choices.items()
+    })  # fmt: skip
+    return True
 
 
 def selection_notes(rows: list[Row], tasks: list[str], choices: dict[tuple[str, str], Choice], select_seeds: list[int]) -> str:
