@@ -96,6 +96,31 @@ def test_glue_saves_the_trained_adapter(model_dir, data_dir, tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.parametrize("method", ["c3a", "peft-c3a"])
+def test_glue_zero_init_starts_from_the_frozen_model_and_trains(model_dir, data_dir, tmp_path, method, monkeypatch):
+    """--init-weights zeros: every kernel is zero when training starts (ΔW = 0, as LoRA's), and training moves it."""
+    from safetensors.torch import load_file
+
+    started = []
+    real = glue.build_method
+
+    def spy(model, name, options=None):
+        model = real(model, name, options)
+        started.append([p.detach().clone() for n, p in model.named_parameters() if "c3a_kernel" in n])
+        return model
+
+    monkeypatch.setattr(glue, "build_method", spy)
+    r = _glue(model_dir, data_dir, tmp_path, "sst2", method, "--block-size", "16", "--init-weights", "zeros",
+              "--save-adapter", "--lr", "1")  # fmt: skip
+    assert r["config"]["init_weights"] == "zeros"
+    assert started and started[0] and all(not k.any() for k in started[0])
+    trained = [v for k, v in load_file(tmp_path / "adapter" / "adapter_model.safetensors").items() if "c3a_kernel" in k]
+    assert trained and all(k.abs().max() > 0 for k in trained)
+    with pytest.raises(SystemExit):
+        main(["glue", "--model", model_dir, "--task", "sst2", "--method", "c3a", "--init-weights", "ones",
+              "--out", str(tmp_path / "bad")])  # fmt: skip
+
+
 def test_shortcut_models_save_adapters_naming_the_hub_id(model_dir, tmp_path, monkeypatch):
     """A shortcut (the packaged MiniLM) resolves to a local folder, but what is saved names the hub id: neither
     adapter_config.json nor PEFT's model card carries this machine's path."""

@@ -123,7 +123,8 @@ def _ia3(model, opts):
 def _peft_c3a(model, opts):
     from peft import C3AConfig as PeftC3AConfig
 
-    return PeftC3AConfig(block_size=opts.block_size, target_modules=_targets(model, opts), init_weights=opts.init_weights)
+    init = True if opts.init_weights == "zeros" else opts.init_weights  # PEFT's spelling of a zero init
+    return PeftC3AConfig(block_size=opts.block_size, target_modules=_targets(model, opts), init_weights=init)
 
 
 def _bitfit(model, opts):

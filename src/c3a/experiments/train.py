@@ -25,6 +25,7 @@ from torch import nn
 from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments
 
 from c3a.argtypes import fraction, nonnegative_float, nonnegative_int, positive_float, positive_int
+from c3a.config import INIT_CHOICES
 from c3a.experiments.methods import METHODS, MethodOptions, is_head_param
 from c3a.io import atomic_write_text
 
@@ -297,10 +298,13 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--alpha", type=positive_float, help="LoRA alpha (default 2·rank)")
     group.add_argument("--dropout", type=fraction, help="LoRA dropout (default 0)")
     group.add_argument("--targets", nargs="+", help="modules to adapt (default: PEFT's default for the model type)")
+    group.add_argument("--init-weights", choices=[*INIT_CHOICES, "zeros"],
+                       help="C³A kernel init (default xavier_uniform, PEFT's); zeros: ΔW starts at 0, as LoRA's does")
 
 
 def method_options(args: argparse.Namespace, head: list[str]) -> MethodOptions:
-    given = {"targets": args.targets, "block_size": args.block_size, "rank": args.rank, "alpha": args.alpha, "dropout": args.dropout}
+    given = {"targets": args.targets, "block_size": args.block_size, "rank": args.rank, "alpha": args.alpha,
+             "dropout": args.dropout, "init_weights": args.init_weights}
     return MethodOptions(head=head, **{k: v for k, v in given.items() if v is not None})
 
 
