@@ -59,13 +59,17 @@ def _singular_values(kernel: torch.Tensor) -> torch.Tensor:
     return values.sort(descending=True).values
 
 
-def _rank(values: torch.Tensor, kernel: torch.Tensor) -> int:
-    m, n, b = kernel.shape
-    # numpy/torch.linalg.matrix_rank's default tolerance for the dense (m·b × n·b) matrix, at the precision the
-    # kernel is stored in (half-precision kernels are exact in fp32, so fp32's eps).
-    eps = torch.finfo(torch.promote_types(kernel.dtype, torch.float32)).eps
-    tol = values.max() * max(m, n) * b * eps if values.numel() else 0.0
+def _rank(values: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> int:
+    """How many singular ``values`` exceed numpy/torch.linalg.matrix_rank's default tolerance for a dense matrix
+    of ``shape`` stored in ``dtype`` (half-precision weights are exact in fp32, so fp32's eps)."""
+    eps = torch.finfo(torch.promote_types(dtype, torch.float32)).eps
+    tol = values.max() * max(shape) * eps if values.numel() else 0.0
     return int((values > tol).sum())
+
+
+def _delta_shape(kernel: torch.Tensor) -> tuple[int, int]:
+    m, n, b = kernel.shape
+    return m * b, n * b
 
 
 def delta_singular_values(kernel: torch.Tensor) -> torch.Tensor:
@@ -87,14 +91,20 @@ def delta_rank(kernel: torch.Tensor) -> int:
     over all frequencies × ``max(d_out, d_in)`` × the kernel dtype's eps. The ``1/d_in`` scale of the layer
     does not change the rank.
     """
-    return _rank(_singular_values(kernel), kernel)
+    return _rank(_singular_values(kernel), _delta_shape(kernel), kernel.dtype)
 
 
 # -- adapters on disk or in memory ------------------------------------------------------------------------
 
 
+def _peft_type(config: Mapping[str, Any]) -> str:
+    """An adapter config's ``peft_type`` as a string (a ``PeftType`` in memory, a string on disk; C3A if absent)."""
+    value = config.get("peft_type", "C3A")
+    return str(getattr(value, "value", value))
+
+
 def _check_type(config: dict, where: str, peft_types: tuple[str, ...]) -> None:
-    peft_type = str(getattr(config.get("peft_type"), "value", config.get("peft_type", "C3A")))
+    peft_type = _peft_type(config)
     if peft_type not in peft_types:
         raise ValueError(f"{where} is a {peft_type} adapter, not {' or '.join(peft_types)}")
 
@@ -204,7 +214,8 @@ class LayerRank:
 def layer_rank(name: str, kernel: torch.Tensor) -> LayerRank:
     m, n, b = kernel.shape
     values = _singular_values(kernel)
-    return LayerRank(name, (m * b, n * b), b, _rank(values, kernel), values / (n * b))
+    shape = _delta_shape(kernel)
+    return LayerRank(name, shape, b, _rank(values, shape, kernel.dtype), values / (n * b))
 
 
 def lora_layer_ranks(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> list[LayerRank]:
@@ -235,10 +246,8 @@ def lora_layer_ranks(config: Mapping[str, Any], state: Mapping[str, torch.Tensor
         alpha = alphas.get(get_pattern_key(list(alphas), name), config.get("lora_alpha", r))
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         values = torch.linalg.svdvals(torch.linalg.qr(b).R @ torch.linalg.qr(a.T).R.T) * abs(scaling)  # descending
-        eps = torch.finfo(torch.promote_types(f["lora_A"].dtype, torch.float32)).eps
         shape = (b.shape[0], a.shape[1])
-        tol = values.max() * max(shape) * eps if values.numel() else 0.0
-        layers.append(LayerRank(name, shape, None, int((values > tol).sum()), values, r))
+        layers.append(LayerRank(name, shape, None, _rank(values, shape, f["lora_A"].dtype), values, r))
     if not layers:
         raise ValueError("no LoRA factors (keys ending in .lora_A.weight / .lora_B.weight) in the adapter")
     return layers
@@ -248,7 +257,7 @@ def adapter_ranks(source: Any, adapter_name: str = "default") -> list[LayerRank]
     """Exact rank and spectrum of every adapted layer's ΔW (see :func:`load_adapter` for ``source``), for C³A
     adapters and, for comparison, PEFT LoRA adapters (:func:`lora_layer_ranks`)."""
     config, state = load_adapter(source, adapter_name, peft_types=("C3A", "LORA"))
-    if str(getattr(config.get("peft_type"), "value", config.get("peft_type"))) == "LORA":
+    if _peft_type(config) == "LORA":
         return lora_layer_ranks(config, state)
     return [layer_rank(name, kernel) for name, kernel in adapter_kernels(state).items()]
 
