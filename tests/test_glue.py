@@ -462,3 +462,29 @@ def test_report_table_layout(tmp_path):
     assert validation[5] == f"| lora | 0.001M | 3 MiB | 2.2 min | {40:.1f} ± {std / 2:.1f} | 20.0 | 30.0 |"
     assert (tmp_path / "summary.png").stat().st_size > 1000
     assert not math.isnan(summary.scores["lora"]["SST-2"][0])
+
+
+def test_c3a_methods_default_to_lora_r8s_budget_per_layer():
+    """Without --block-size, `c3a` and `peft-c3a` adapt each layer at the smallest block size within LoRA r=8's
+    r·(d_in+d_out) weights — the same sizes for both, also where layers differ (GQA: q 64×64, v 64→16)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def model():
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=1)  # fmt: skip
+        return LlamaForCausalLM(config)
+
+    def kernels(name):
+        built = build_method(model(), name, MethodOptions())
+        return {n.split(".c3a_kernel")[0].removeprefix("base_model.model."): tuple(p.shape)
+                for n, p in built.named_parameters() if "c3a_kernel" in n}  # fmt: skip
+
+    ours, reference = kernels("c3a"), kernels("peft-c3a")
+    assert ours == reference and len(ours) == 4
+    # (m, n, b): q 64×64 at b=4 (1,024 weights ≤ 8·128), v 64→16 at b=2 (512 ≤ 8·80); b=2 / b=1 would not fit
+    assert {n: s for n, s in ours.items() if n.endswith("q_proj")} == {f"model.layers.{i}.self_attn.q_proj": (16, 16, 4) for i in range(2)}
+    assert {n: s for n, s in ours.items() if n.endswith("v_proj")} == {f"model.layers.{i}.self_attn.v_proj": (8, 32, 2) for i in range(2)}
+    lora = build_method(model(), "lora", MethodOptions())
+    lora_params = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert sum(math.prod(s) for s in ours.values()) <= lora_params

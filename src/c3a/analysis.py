@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
@@ -455,6 +456,13 @@ def choose_block_sizes(
     return chosen
 
 
+def as_block_size_config(sizes: Mapping[str, int]) -> tuple[int, dict[str, int]]:
+    """Per-layer block sizes as PEFT's C3A config spells them: ``(block_size, block_size_pattern)``, the most
+    common size the default and the others by full module name (which PEFT's pattern matching takes too)."""
+    default = Counter(sizes.values()).most_common(1)[0][0]
+    return default, {name: b for name, b in sizes.items() if b != default}
+
+
 def target_shapes(
     model: nn.Module, target_modules: Optional[Union[list[str], str]] = None
 ) -> dict[str, tuple[int, int]]:
@@ -560,7 +568,7 @@ def _layer_params(model: nn.Module, name: str) -> int:
 def count_parameters(
     model: str,
     method: str,
-    block_size: Union[int, str] = 128,
+    block_size: Union[int, str] = "auto",
     rank: int = 8,
     targets: Optional[list[str]] = None,
     boft_block_size: int = 8,

@@ -9,7 +9,7 @@ import os
 from collections import Counter, defaultdict
 
 from . import analysis
-from .argtypes import positive_int
+from .argtypes import block_size, positive_int
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -109,23 +109,12 @@ def add_params_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help=f"{', '.join(PAPER_MODELS)}, or any hub id / folder with a config.json (config only)")
     p.add_argument("--method", required=True, choices=list(analysis.COMPLEXITY))
-    p.add_argument("--block-size", type=_block_size, default=128, help='C³A block size, or "auto" (default: 128)')
+    p.add_argument("--block-size", type=block_size, default="auto",
+                   help='C³A block size, or "auto" (the default): per layer, within LoRA rank --rank\'s parameters')
     p.add_argument("--rank", type=positive_int, default=8,
                    help="LoRA/VeRA rank; with --block-size auto the LoRA rank to match (default: 8)")
     p.add_argument("--targets", help="comma-separated module names (default: the paper's, PEFT's defaults)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _block_size(text: str):
-    if text == "auto":
-        return "auto"
-    try:
-        return positive_int(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer or 'auto'") from None
-
-
-_block_size.__name__ = "block size"
 
 
 def run_params(args: argparse.Namespace) -> int:

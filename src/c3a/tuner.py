@@ -13,7 +13,6 @@ import os
 import re
 import sys
 import warnings
-from collections import Counter
 from contextlib import contextmanager
 from functools import partial
 from typing import Any, Iterator, Optional
@@ -154,7 +153,7 @@ class C3AModel(BaseTuner):
         sizes = {name: pattern_block_size(peft_config, name) for name in shapes}
         auto = {name: shapes[name] for name, b in sizes.items() if b == "auto"}
         if auto:
-            from .analysis import choose_block_sizes
+            from .analysis import as_block_size_config, choose_block_sizes
 
             chosen = choose_block_sizes(
                 auto, budget=getattr(peft_config, "budget", None), lora_rank=getattr(peft_config, "lora_rank", None)
@@ -166,9 +165,7 @@ class C3AModel(BaseTuner):
         if source is not None and _loading_weights_now():
             _check_checkpoint(peft_config, source, model, shapes, sizes)
         if auto:  # concrete sizes in the config: what is saved loads anywhere, PEFT's reference included
-            default = Counter(sizes.values()).most_common(1)[0][0]
-            peft_config.block_size = default
-            peft_config.block_size_pattern = {n: b for n, b in sizes.items() if b != default}
+            peft_config.block_size, peft_config.block_size_pattern = as_block_size_config(sizes)
             peft_config.budget = peft_config.lora_rank = None
 
     def _create_and_replace(

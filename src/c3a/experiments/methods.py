@@ -19,7 +19,7 @@ class MethodOptions:
 
     targets: Optional[list[str]] = None  # adapted modules; default: PEFT's per-model-type default
     head: list[str] = field(default_factory=list)  # task head trained by every method, excluded from counts
-    block_size: object = 128  # C³A block size (int or "auto")
+    block_size: object = "auto"  # C³A block size: an int, or "auto" (per layer, LoRA rank `rank`'s budget)
     rank: int = 8  # LoRA / VeRA rank
     alpha: Optional[float] = None  # LoRA alpha (default: 2·rank)
     dropout: float = 0.0  # LoRA dropout
@@ -123,8 +123,15 @@ def _ia3(model, opts):
 def _peft_c3a(model, opts):
     from peft import C3AConfig as PeftC3AConfig
 
+    from c3a.analysis import as_block_size_config, choose_block_sizes, target_shapes
+
+    targets = _targets(model, opts)
+    block_size, pattern = opts.block_size, {}
+    if block_size == "auto":  # PEFT's C3A has no "auto": the same per-layer sizes c3a's tuner would choose
+        chosen = choose_block_sizes(target_shapes(model, targets), lora_rank=opts.rank)
+        block_size, pattern = as_block_size_config({name: c.block_size for name, c in chosen.items()})
     init = True if opts.init_weights == "zeros" else opts.init_weights  # PEFT's spelling of a zero init
-    return PeftC3AConfig(block_size=opts.block_size, target_modules=_targets(model, opts), init_weights=init)
+    return PeftC3AConfig(block_size=block_size, block_size_pattern=pattern, target_modules=targets, init_weights=init)
 
 
 def _bitfit(model, opts):

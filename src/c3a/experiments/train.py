@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments
 
-from c3a.argtypes import fraction, nonnegative_float, nonnegative_int, positive_float, positive_int
+from c3a.argtypes import block_size, fraction, nonnegative_float, nonnegative_int, positive_float, positive_int
 from c3a.config import INIT_CHOICES
 from c3a.experiments.methods import METHODS, MethodOptions, is_head_param
 from c3a.io import atomic_write_text
@@ -283,17 +283,12 @@ def write_results(path: str, results: dict[str, Any]) -> None:
 
 
 # -- command-line options shared by the experiment commands ---------------------------------------------
-def _block_size(value: str):
-    return value if value == "auto" else positive_int(value)
-
-
-_block_size.__name__ = "block size (a positive integer or 'auto')"
-
-
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the registry's methods; each left out keeps the method's default (:func:`method_options`)."""
     group = parser.add_argument_group("method options (default: the registry's)")
-    group.add_argument("--block-size", type=_block_size, help="C³A block size, an integer or 'auto' (default 128)")
+    group.add_argument("--block-size", type=block_size,
+                       help="C³A block size, an integer or 'auto' (the default: per layer, the smallest block size "
+                       "within LoRA rank --rank's parameters)")
     group.add_argument("--rank", type=positive_int, help="LoRA / VeRA rank (default 8)")
     group.add_argument("--alpha", type=positive_float, help="LoRA alpha (default 2·rank)")
     group.add_argument("--dropout", type=fraction, help="LoRA dropout (default 0)")
