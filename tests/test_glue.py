@@ -369,7 +369,8 @@ def test_suite_is_resumable_and_writes_table_and_chart(model_dir, data_dir, tmp_
 def test_suite_grid_selects_on_validation_and_resumes(model_dir, data_dir, tmp_path, capsys):
     out = tmp_path / "grid"
     argv = ["glue-suite", "--model", model_dir, "--data-dir", data_dir, "--tasks", "sst2", "--seeds", "0", "1",
-            "--select-seeds", "0", "--methods", "head:head-lr=1e-4,5e-2", "--out", str(out), *RUN]  # fmt: skip
+            "--select-seeds", "0", "--methods", "head:head-lr=1e-4,5e-2", "--extend-edges", "0", "--out", str(out),
+            *RUN]  # fmt: skip (past the edges: tests/test_selection.py)
     assert main(argv) == 0
     row = out / "sst2" / "head_head-lr_1e-4_5e-2"
     validation = {p: json.loads((row / p / "seed0" / "results.json").read_text())["validation"]["accuracy"]

@@ -1,12 +1,16 @@
 """Grid selection: validation only, ties, incomplete grids; the suite's grid rows end to end on a tiny model."""
 
+import argparse
 import json
 import math
+import os
+import subprocess
 
 import pytest
 
+from c3a.cli import main
 from c3a.experiments import glue
-from c3a.experiments.selection import GridPoint, grid_points, select
+from c3a.experiments.selection import GridPoint, grid_points, select, step_beyond
 
 LRS = grid_points([("lr", ("1e-3", "1e-2", "1e-1"))])
 
@@ -63,3 +67,71 @@ def test_suite_selection_reads_validation_only(tmp_path):
     assert choice.point == LRS[1] and choice.means[LRS[1]] == pytest.approx(80.5)
     assert glue._choices(cells, [0])[("sst2", "lora:lr=1e-3,1e-2,1e-1")].point == LRS[1]
     assert glue._choices(cells[:-1], [0, 1]) == {}  # lr=1e-1 misses seed 1: no choice until the grid is complete
+
+
+@pytest.mark.parametrize(
+    "values, upward, expected",
+    [
+        (("0.1", "0.3", "1"), True, "3"), (("0.1", "0.3", "1"), False, "0.03"),  # the half-decade ladder, as written
+        (("3e-4", "1e-3", "3e-3"), True, "1e-2"), (("3e-4", "1e-3", "3e-3"), False, "1e-4"),
+        (("1e-5", "3e-5", "1e-4"), True, "3e-4"), (("1e-3", "1e-2"), True, "1e-1"),  # a decade apart: the grid's ratio
+        (("2e-4", "5e-4", "1e-3"), True, "2e-3"), (("1e-3", "3e-3", "1e-2"), False, "3e-4"),
+        (("a", "b"), True, None), (("1",), True, None), (("0", "1"), False, None),
+    ],
+)  # fmt: skip
+def test_step_beyond_follows_the_grids_own_ladder(values, upward, expected):
+    assert step_beyond(values, upward) == expected
+
+
+def _fake_suite(tmp_path, monkeypatch, best_lr: float, *extra: str) -> tuple[list[str], list[str]]:
+    """glue-suite over lr ∈ {0.1, 0.3, 1} with a fake `c3a glue` whose validation score peaks at ``best_lr``
+    (log scale) and whose test score is highest far from it: returns the suite's argv and the folders trained."""
+    from c3a.experiments.train import train_config
+
+    trained, parser = [], argparse.ArgumentParser()
+    glue.add_glue_arguments(parser)
+
+    def fake(command, *args, **kwargs):
+        cell = parser.parse_args(command[4:])
+        lr = train_config(cell, cell.out).lr
+        distance = abs(math.log10(lr) - math.log10(best_lr)) + cell.seed / 1000
+        config = {**vars(cell), "lr": lr, "head_lr": train_config(cell, cell.out).head_lr,
+                  "weight_decay": train_config(cell, cell.out).weight_decay}  # fmt: skip
+        results = {"main_metric": "accuracy", "validation": {"accuracy": 1 - distance / 10, "epoch": 1},
+                   "test": {"accuracy": distance / 10}, "trainable_params": 10, "peak_memory_bytes": 2**20,
+                   "memory_kind": "cpu_peak_rss", "train_seconds": 1.0, "config": config}  # fmt: skip
+        os.makedirs(cell.out, exist_ok=True)
+        with open(os.path.join(cell.out, "results.json"), "w") as f:
+            json.dump(results, f, default=str)
+        trained.append(os.path.relpath(cell.out, tmp_path))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(glue.subprocess, "run", fake)
+    argv = ["glue-suite", "--model", "m", "--tasks", "sst2", "--seeds", "0", "1", "--select-seeds", "0",
+            "--methods", "c3a:lr=0.1,0.3,1", "--out", str(tmp_path), *extra]  # fmt: skip
+    assert main(argv) == 0
+    return argv, trained
+
+
+@pytest.mark.parametrize(
+    "best_lr, extra, tried, chosen",
+    [
+        (3.0, [], ["0.1", "0.3", "1", "3", "10"], "3"),  # past the top: 3 wins, 10 does not: stop there
+        (50.0, [], ["0.1", "0.3", "1", "3", "10"], "10"),  # still rising: at most 2 beyond (the default)
+        (0.03, ["--extend-edges", "1"], ["0.1", "0.3", "1", "0.03"], "0.03"),  # downwards, one step allowed
+        (0.3, [], ["0.1", "0.3", "1"], "0.3"),  # inside the grid: nothing more
+        (50.0, ["--extend-edges", "0"], ["0.1", "0.3", "1"], "1"),  # the grid as given
+    ],
+)  # fmt: skip
+def test_suite_tries_past_a_grid_edge_on_validation_only(tmp_path, monkeypatch, capsys, best_lr, extra, tried, chosen):
+    argv, trained = _fake_suite(tmp_path, monkeypatch, best_lr, *extra)
+    row = os.path.join("sst2", "c3a_lr_0.1_0.3_1")
+    assert trained == [os.path.join(row, f"lr={lr}", "seed0") for lr in tried] + [os.path.join(row, f"lr={chosen}", "seed1")]
+    selection = json.loads((tmp_path / "selection.json").read_text())["sst2/c3a:lr=0.1,0.3,1"]
+    assert selection["chosen"] == f"lr={chosen}" and list(selection["validation_means"]) == [f"lr={lr}" for lr in tried]
+    table = (tmp_path / "table.md").read_text()
+    beyond = [lr for lr in tried if lr not in ("0.1", "0.3", "1")]
+    assert ("; beyond: " in table) == bool(beyond) and all(f"lr={lr} " in table for lr in beyond)
+    capsys.readouterr()
+    assert main(argv) == 0  # resumed: the same cells, nothing trained again
+    assert len(trained) == len(tried) + 1 and capsys.readouterr().out.count("done before, skipped") == len(tried) + 1

@@ -21,7 +21,7 @@ import numpy as np
 from c3a.argtypes import nonnegative_int, positive_int
 from c3a.experiments.jsonl import read_jsonl
 from c3a.experiments.methods import METHODS, build_method, trainable_parameters
-from c3a.experiments.selection import Choice, GridPoint, grid_points, select
+from c3a.experiments.selection import Choice, GridPoint, grid_points, select, step_beyond
 
 
 # -- tasks and metrics ----------------------------------------------------------------------------------
@@ -289,6 +289,11 @@ def add_glue_suite_arguments(parser: argparse.ArgumentParser) -> None:
         "--task-options", nargs="+", default=[], metavar="TASK:OPTION=VALUE",
         help="settings for one task's cells, e.g. mrpc:epochs=10 (a row's own options win)",
     )
+    parser.add_argument(
+        "--extend-edges", type=nonnegative_int, default=2, metavar="N",
+        help="when a one-option numeric grid's best point is its largest or smallest value, try the next value on "
+        "the grid's ladder (0.1, 0.3, 1 → 3), one at a time, up to N beyond each end (default 2; 0: the grid as given)",
+    )
     parser.add_argument("--out", required=True, help="grid folder: <task>/<row>/[<grid point>/]seed<k>/results.json, table.md, summary.png")
     parser.add_argument("--overwrite", action="store_true", help="rerun cells whose recorded settings differ from the requested ones (default: stop and name them)")
     _add_shared_arguments(parser)
@@ -432,7 +437,8 @@ def _load(cell: SuiteCell) -> Optional[dict]:
 
 
 def _choices(cells: list[SuiteCell], select_seeds: list[int]) -> dict[tuple[str, str], Choice]:
-    """Per (task, row) with a grid: the grid point chosen on the selection seeds' validation scores."""
+    """Per (task, row) with a grid: the point chosen on the selection seeds' validation scores, among the points
+    planned for that task (the row's grid, then any tried beyond its edge, in that order: ties go to the first)."""
     from c3a.experiments.report import score
 
     groups: dict[tuple[str, str], list[SuiteCell]] = {}
@@ -446,10 +452,29 @@ def _choices(cells: list[SuiteCell], select_seeds: list[int]) -> dict[tuple[str,
             results = _load(cell)
             if results is not None:
                 validation.setdefault(cell.point, []).append(score(results, "validation"))
-        choice = select(validation, group[0].row.points(), len(select_seeds))
+        choice = select(validation, list(dict.fromkeys(cell.point for cell in group)), len(select_seeds))
         if choice is not None and not choice.incomplete:
             choices[key] = choice
     return choices
+
+
+def _beyond_edge(row: Row, choice: Choice, limit: int) -> Optional[GridPoint]:
+    """The next point to try when ``choice`` lies on the edge of a one-option numeric grid, at most ``limit``
+    points past the row's own values on that side; else ``None``."""
+    if len(row.grid) != 1:
+        return None
+    (name, base), = row.grid
+    try:
+        tried = [float(p.values[0][1]) for p in choice.means]
+        chosen, lowest, highest = float(choice.point.values[0][1]), min(map(float, base)), max(map(float, base))
+    except ValueError:
+        return None
+    for upward, edge, past in ((True, max(tried), sum(x > highest for x in tried)),
+                               (False, min(tried), sum(x < lowest for x in tried))):  # fmt: skip
+        if chosen == edge and past < limit:
+            value = step_beyond([p.values[0][1] for p in choice.means], upward)
+            return None if value is None else GridPoint(((name, value),))
+    return None
 
 
 def run_glue_suite(args: argparse.Namespace) -> int:
@@ -465,44 +490,70 @@ def run_glue_suite(args: argparse.Namespace) -> int:
     shared = _shared_argv(args)
     glue_parser = argparse.ArgumentParser(prog="c3a glue")
     add_glue_arguments(glue_parser)
+    stale: set[SuiteCell] = set()
 
-    cells, requested = [], {}  # seeds outermost: a partial grid already covers every row and task
-    for seed in sorted(seeds, key=lambda s: s not in select_seeds):  # selection seeds first
-        for task in tasks:
-            for row in rows:
-                for point in row.points():
-                    folder = os.path.join(args.out, task, row.folder, point.folder, f"seed{seed}")
-                    argv = ("--task", task, "--method", row.method, "--seed", str(seed), "--out", folder,
-                            *shared, *per_task.get(task, ()), *row.argv, *point.argv)  # fmt: skip
-                    cell = SuiteCell(task, row, point, seed, folder, argv)
-                    requested[cell] = glue_parser.parse_args(argv)  # a bad option fails now, not after hours
-                    cells.append(cell)
-    stale = {cell: diff for cell in cells if os.path.isfile(cell.results_path)
-             and (diff := _recorded_differences(cell, requested[cell]))}  # fmt: skip
-    if stale and not args.overwrite:
-        cell, diff = next(iter(stale.items()))
-        raise ValueError(
-            f"{len(stale)} finished cell(s) in {args.out} were run with other settings, e.g. {cell.folder}: "
-            f"{'; '.join(diff)}. Use another --out, or --overwrite to rerun them."
-        )
+    def plan(task: str, row: Row, point: GridPoint, seed: int) -> SuiteCell:
+        folder = os.path.join(args.out, task, row.folder, point.folder, f"seed{seed}")
+        argv = ("--task", task, "--method", row.method, "--seed", str(seed), "--out", folder,
+                *shared, *per_task.get(task, ()), *row.argv, *point.argv)  # fmt: skip
+        return SuiteCell(task, row, point, seed, folder, argv)
 
-    failed, choices = [], None
-    for i, cell in enumerate(cells, 1):
-        if cell.row.grid and cell.seed not in select_seeds:
-            if choices is None:  # the selection seeds' cells come first: all of them have run by now
-                choices = _choices(cells, select_seeds)
-            choice = choices.get((cell.task, cell.row.spec))
-            if choice is None or choice.point != cell.point:
-                continue  # only the chosen point runs on the other seeds
-        if os.path.isfile(cell.results_path) and cell not in stale:
-            print(f"[{i}/{len(cells)}] {cell.folder}: done before, skipped", flush=True)
-            continue
-        print(f"[{i}/{len(cells)}] c3a glue {' '.join(cell.argv)}", flush=True)
-        # one process per cell: peak RSS is a per-process high-water mark
-        if subprocess.run([sys.executable, "-m", "c3a.cli", "glue", *cell.argv]).returncode != 0:
-            failed.append(cell.folder)
-        else:  # the tables follow every finished cell: a long suite stopped midway still leaves them current
-            _write_suite_report(args, rows, tasks, cells, select_seeds)
+    def check(batch: list[SuiteCell]) -> list[SuiteCell]:
+        """Every cell's options parse, and a finished cell's recorded settings are the requested ones (else stop,
+        naming one, unless --overwrite)."""
+        requested = {cell: glue_parser.parse_args(cell.argv) for cell in batch}  # a bad option fails now
+        differing = {cell: diff for cell in batch if os.path.isfile(cell.results_path)
+                     and (diff := _recorded_differences(cell, requested[cell]))}  # fmt: skip
+        if differing and not args.overwrite:
+            cell, diff = next(iter(differing.items()))
+            raise ValueError(
+                f"{len(differing)} finished cell(s) in {args.out} were run with other settings, e.g. {cell.folder}: "
+                f"{'; '.join(diff)}. Use another --out, or --overwrite to rerun them."
+            )
+        stale.update(differing)
+        return batch
+
+    # The selection seeds' cells first (seeds outermost: a partial grid already covers every row and task), then
+    # points beyond a grid's edge where the choice landed on it, then the other seeds at the chosen points.
+    order = sorted(seeds, key=lambda s: s not in select_seeds)
+    later_seeds = [seed for seed in order if seed not in select_seeds]
+    cells = [plan(task, row, point, seed) for seed in order if seed in select_seeds for task in tasks for row in rows
+             for point in row.points()]  # fmt: skip
+    # Before anything runs: every option, and the settings of whatever the other seeds may reuse at any grid point.
+    check(cells + [plan(task, row, point, seed) for seed in later_seeds for task in tasks for row in rows
+                   for point in row.points()])  # fmt: skip
+    failed = []
+
+    def run(batch: list[SuiteCell]) -> None:
+        for cell in batch:
+            if os.path.isfile(cell.results_path) and cell not in stale:
+                print(f"[{cells.index(cell) + 1}/{len(cells)}] {cell.folder}: done before, skipped", flush=True)
+                continue
+            print(f"[{cells.index(cell) + 1}/{len(cells)}] c3a glue {' '.join(cell.argv)}", flush=True)
+            # one process per cell: peak RSS is a per-process high-water mark
+            if subprocess.run([sys.executable, "-m", "c3a.cli", "glue", *cell.argv]).returncode != 0:
+                failed.append(cell.folder)
+            else:  # the tables follow every finished cell: a long suite stopped midway still leaves them current
+                _write_suite_report(args, rows, tasks, cells, select_seeds)
+
+    run([cell for cell in cells if cell.seed in select_seeds])
+    while True:  # one more point per (task, row) at a time, as long as the choice sits on an edge
+        extra = []
+        for (task, spec), choice in _choices(cells, select_seeds).items():
+            row = next(r for r in rows if r.spec == spec)
+            point = _beyond_edge(row, choice, args.extend_edges)
+            if point is not None:
+                extra += [plan(task, row, point, seed) for seed in order if seed in select_seeds]
+        if not extra:
+            break
+        cells += check(extra)
+        run(extra)
+    choices = _choices(cells, select_seeds)
+    rest = [plan(task, row, choices[(task, row.spec)].point if row.grid else GridPoint(()), seed)
+            for seed in later_seeds for task in tasks for row in rows
+            if not row.grid or (task, row.spec) in choices]  # fmt: skip
+    cells += check(rest)
+    run(rest)
 
     if _write_suite_report(args, rows, tasks, cells, select_seeds):
         print(f"table: {os.path.join(args.out, 'table.md')}, chart: {os.path.join(args.out, 'summary.png')}")
@@ -535,7 +586,7 @@ def _write_suite_report(args, rows: list[Row], tasks: list[str], cells: list[Sui
         rows=[row.label for row in rows],
         columns=[TASKS[t].title for t in tasks],
         title=f"GLUE, model {args.model}",
-        notes=selection_notes(rows, tasks, choices, select_seeds),
+        notes=selection_notes(rows, tasks, choices, select_seeds, args.extend_edges),
     )
     write_results(os.path.join(args.out, "selection.json"), {
         f"{task}/{spec}": {"chosen": c.point.label, "validation_means": {p.label: m for p, m in c.means.items()}}
@@ -544,7 +595,9 @@ def _write_suite_report(args, rows: list[Row], tasks: list[str], cells: list[Sui
     return True
 
 
-def selection_notes(rows: list[Row], tasks: list[str], choices: dict[tuple[str, str], Choice], select_seeds: list[int]) -> str:
+def selection_notes(
+    rows: list[Row], tasks: list[str], choices: dict[tuple[str, str], Choice], select_seeds: list[int], extend_edges: int
+) -> str:
     """Markdown: per grid row and task, the grid, each point's mean validation score and the chosen point."""
     gridded = [row for row in rows if row.grid]
     if not gridded:
@@ -554,7 +607,10 @@ def selection_notes(rows: list[Row], tasks: list[str], choices: dict[tuple[str, 
         "",
         f"Each grid point was trained with seed(s) {', '.join(map(str, select_seeds))}; the point with the best mean "
         "validation score (best epoch, ×100) was chosen per task (ties: the first listed), and test is reported at "
-        "that point only. Other seeds ran at the chosen point alone.",
+        "that point only. Other seeds ran at the chosen point alone."
+        + (f" Where the best point of a one-option grid was its largest or smallest value, the next value on the "
+           f"grid's ladder was tried too, one at a time, up to {extend_edges} beyond each end (listed after the "
+           "grid's own, \"beyond\")." if extend_edges else ""),
         "",
         "| Method | grid | " + " | ".join(TASKS[t].title for t in tasks) + " |",
         "|---|---|" + "---|" * len(tasks),
@@ -567,7 +623,10 @@ def selection_notes(rows: list[Row], tasks: list[str], choices: dict[tuple[str, 
             if choice is None:
                 cells.append("pending")
                 continue
-            means = ", ".join(f"**{m:.1f}**" if p == choice.point else f"{m:.1f}" for p, m in choice.means.items())
-            cells.append(f"{choice.point.label} ({means})")
+            own = set(row.points())
+            shown = {p: f"**{m:.1f}**" if p == choice.point else f"{m:.1f}" for p, m in choice.means.items()}
+            means = ", ".join(text for p, text in shown.items() if p in own)
+            beyond = ", ".join(f"{p.label} {text}" for p, text in shown.items() if p not in own)
+            cells.append(f"{choice.point.label} ({means}{'; beyond: ' + beyond if beyond else ''})")
         lines.append(f"| {row.label} | {grid} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
