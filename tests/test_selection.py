@@ -83,9 +83,11 @@ def test_step_beyond_follows_the_grids_own_ladder(values, upward, expected):
     assert step_beyond(values, upward) == expected
 
 
-def _fake_suite(tmp_path, monkeypatch, best_lr: float, *extra: str) -> tuple[list[str], list[str]]:
-    """glue-suite over lr ∈ {0.1, 0.3, 1} with a fake `c3a glue` whose validation score peaks at ``best_lr``
-    (log scale) and whose test score is highest far from it: returns the suite's argv and the folders trained."""
+def _fake_suite(tmp_path, monkeypatch, best_lr: float, *extra: str, row: str = "c3a:lr=0.1,0.3,1",
+                failing_lr: float = math.nan, status: int = 0) -> tuple[list[str], list[str]]:
+    """glue-suite over ``row`` with a fake `c3a glue` whose validation score peaks at ``best_lr`` (log scale) and
+    whose test score is highest far from it (a run at ``failing_lr`` fails): returns the suite's argv and the
+    folders trained."""
     from c3a.experiments.train import train_config
 
     trained, parser = [], argparse.ArgumentParser()
@@ -94,6 +96,9 @@ def _fake_suite(tmp_path, monkeypatch, best_lr: float, *extra: str) -> tuple[lis
     def fake(command, *args, **kwargs):
         cell = parser.parse_args(command[4:])
         lr = train_config(cell, cell.out).lr
+        trained.append(os.path.relpath(cell.out, tmp_path))
+        if lr == failing_lr:
+            return subprocess.CompletedProcess(command, 1)
         distance = abs(math.log10(lr) - math.log10(best_lr)) + cell.seed / 1000
         config = {**vars(cell), "lr": lr, "head_lr": train_config(cell, cell.out).head_lr,
                   "weight_decay": train_config(cell, cell.out).weight_decay}  # fmt: skip
@@ -103,13 +108,12 @@ def _fake_suite(tmp_path, monkeypatch, best_lr: float, *extra: str) -> tuple[lis
         os.makedirs(cell.out, exist_ok=True)
         with open(os.path.join(cell.out, "results.json"), "w") as f:
             json.dump(results, f, default=str)
-        trained.append(os.path.relpath(cell.out, tmp_path))
         return subprocess.CompletedProcess(command, 0)
 
     monkeypatch.setattr(glue.subprocess, "run", fake)
     argv = ["glue-suite", "--model", "m", "--tasks", "sst2", "--seeds", "0", "1", "--select-seeds", "0",
-            "--methods", "c3a:lr=0.1,0.3,1", "--out", str(tmp_path), *extra]  # fmt: skip
-    assert main(argv) == 0
+            "--methods", row, "--out", str(tmp_path), *extra]  # fmt: skip
+    assert main(argv) == status
     return argv, trained
 
 
@@ -135,3 +139,17 @@ def test_suite_tries_past_a_grid_edge_on_validation_only(tmp_path, monkeypatch, 
     capsys.readouterr()
     assert main(argv) == 0  # resumed: the same cells, nothing trained again
     assert len(trained) == len(tried) + 1 and capsys.readouterr().out.count("done before, skipped") == len(tried) + 1
+
+
+def test_a_failed_point_past_the_edge_ends_the_search_there(tmp_path, monkeypatch, capsys):
+    _, trained = _fake_suite(tmp_path, monkeypatch, 50.0, failing_lr=3.0, status=1)
+    row = os.path.join("sst2", "c3a_lr_0.1_0.3_1")
+    assert trained == [os.path.join(row, f"lr={lr}", "seed0") for lr in ("0.1", "0.3", "1", "3")] + [
+        os.path.join(row, "lr=1", "seed1")
+    ]  # the grid's best stands, and seed 1 runs there
+    assert "1 cell(s) failed" in capsys.readouterr().err
+
+
+def test_only_learning_rate_grids_go_past_their_edges(tmp_path, monkeypatch):
+    _, trained = _fake_suite(tmp_path, monkeypatch, 1.0, row="lora:lr=1:rank=2,4")
+    assert [path.split(os.sep)[2] for path in trained] == ["rank=2", "rank=4", "rank=2"]  # no rank=8

@@ -291,7 +291,7 @@ def add_glue_suite_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--extend-edges", type=nonnegative_int, default=2, metavar="N",
-        help="when a one-option numeric grid's best point is its largest or smallest value, try the next value on "
+        help="when a learning-rate grid's best point is its largest or smallest value, try the next value on "
         "the grid's ladder (0.1, 0.3, 1 → 3), one at a time, up to N beyond each end (default 2; 0: the grid as given)",
     )
     parser.add_argument("--out", required=True, help="grid folder: <task>/<row>/[<grid point>/]seed<k>/results.json, table.md, summary.png")
@@ -459,9 +459,9 @@ def _choices(cells: list[SuiteCell], select_seeds: list[int]) -> dict[tuple[str,
 
 
 def _beyond_edge(row: Row, choice: Choice, limit: int) -> Optional[GridPoint]:
-    """The next point to try when ``choice`` lies on the edge of a one-option numeric grid, at most ``limit``
+    """The next point to try when ``choice`` lies on the edge of a one-option learning-rate grid, at most ``limit``
     points past the row's own values on that side; else ``None``."""
-    if len(row.grid) != 1:
+    if len(row.grid) != 1 or row.grid[0][0] not in ("lr", "head-lr"):
         return None
     (name, base), = row.grid
     try:
@@ -537,17 +537,22 @@ def run_glue_suite(args: argparse.Namespace) -> int:
                 _write_suite_report(args, rows, tasks, cells, select_seeds)
 
     run([cell for cell in cells if cell.seed in select_seeds])
+    settled: set[tuple[str, str]] = set()  # a point past the edge failed to train: the choice stays inside
     while True:  # one more point per (task, row) at a time, as long as the choice sits on an edge
         extra = []
         for (task, spec), choice in _choices(cells, select_seeds).items():
             row = next(r for r in rows if r.spec == spec)
-            point = _beyond_edge(row, choice, args.extend_edges)
+            point = None if (task, spec) in settled else _beyond_edge(row, choice, args.extend_edges)
             if point is not None:
                 extra += [plan(task, row, point, seed) for seed in order if seed in select_seeds]
         if not extra:
             break
         cells += check(extra)
         run(extra)
+        for cell in extra:
+            if cell.folder in failed:
+                cells.remove(cell)
+                settled.add((cell.task, cell.row.spec))
     choices = _choices(cells, select_seeds)
     rest = [plan(task, row, choices[(task, row.spec)].point if row.grid else GridPoint(()), seed)
             for seed in later_seeds for task in tasks for row in rows
@@ -608,7 +613,7 @@ def selection_notes(
         f"Each grid point was trained with seed(s) {', '.join(map(str, select_seeds))}; the point with the best mean "
         "validation score (best epoch, ×100) was chosen per task (ties: the first listed), and test is reported at "
         "that point only. Other seeds ran at the chosen point alone."
-        + (f" Where the best point of a one-option grid was its largest or smallest value, the next value on the "
+        + (f" Where the best point of a learning-rate grid was its largest or smallest value, the next value on the "
            f"grid's ladder was tried too, one at a time, up to {extend_edges} beyond each end (listed after the "
            "grid's own, \"beyond\")." if extend_edges else ""),
         "",
