@@ -536,7 +536,7 @@ def run_glue_suite(args: argparse.Namespace) -> int:
             else:  # the tables follow every finished cell: a long suite stopped midway still leaves them current
                 _write_suite_report(args, rows, tasks, cells, select_seeds)
 
-    run([cell for cell in cells if cell.seed in select_seeds])
+    run(list(cells))
     settled: set[tuple[str, str]] = set()  # a point past the edge failed to train: the choice stays inside
     while True:  # one more point per (task, row) at a time, as long as the choice sits on an edge
         extra = []
