@@ -101,3 +101,22 @@ def test_bench_rejects_bad_options_before_any_worker(tmp_path, capsys, argv, mes
     assert not (tmp_path / "b").exists()
     if argv[0] == "--rounds":
         assert message in capsys.readouterr().err
+
+
+def test_gpu_script_commands_parse():
+    """benchmarks/gpu.sh runs only on a GPU machine, never in CI: at least its `c3a bench` lines must stay valid
+    for the current argument set (a renamed option would otherwise surface only on the next lent GPU)."""
+    import argparse
+    import pathlib
+    import shlex
+
+    from c3a.experiments.bench import add_bench_arguments
+
+    script = (pathlib.Path(__file__).parents[1] / "benchmarks" / "gpu.sh").read_text().replace("\\\n", " ")
+    commands = [shlex.split(line)[2:] for line in script.splitlines() if line.startswith("c3a bench ")]
+    assert len(commands) == 3
+    for argv in commands:
+        parser = argparse.ArgumentParser(exit_on_error=False)
+        add_bench_arguments(parser)
+        args = parser.parse_args(argv)
+        assert args.device == "cuda" and args.out.startswith("$out/")

@@ -21,7 +21,7 @@ import math
 import pytest
 import torch
 
-from c3a.functional import DFT_MAX_BLOCK, add_block_circular_conv, block_circular_conv, circulant_matrix
+from c3a.functional import add_block_circular_conv, block_circular_conv, circulant_matrix, dft_max_block
 from conftest import saved_activations
 
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -183,7 +183,7 @@ def test_dft_construction_gradcheck_float64(shape):
 
 def test_dispatch():
     k_even, k_odd = torch.randn(2, 2, 8), torch.randn(2, 2, 5)
-    k_large = torch.randn(1, 1, 2 * DFT_MAX_BLOCK)
+    k_large = torch.randn(1, 1, 2 * dft_max_block("cpu"))
     for x_dtype, kernel, path in [
         (torch.float32, k_even, "fft"),  # full precision: the FFT path (the layer folds before calling)
         (torch.float64, k_even, "fft"),
@@ -199,6 +199,14 @@ def test_dispatch():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 tensors, but autocast: half precision
         x = torch.randn(3, 16, requires_grad=True)
         assert "_DftBlockCircularConvBackward" in _graph_nodes(add_block_circular_conv(torch.zeros(3, 16), x, [k_even]))
+
+
+def test_dft_threshold_is_per_device_type():
+    """The GEMM path's limit was measured per device: larger on CUDA (an H200) than on the CPU; a device type
+    never measured gets the CPU's, the conservative one."""
+    assert dft_max_block("cpu") == dft_max_block(torch.device("cpu")) == 256
+    assert dft_max_block(torch.device("cuda", 0)) == 1024
+    assert dft_max_block("meta") == dft_max_block("cpu")
 
 
 @pytest.mark.parametrize("view", [False, True])

@@ -13,7 +13,7 @@ Two ways to compute it:
 - **FFT** (:func:`block_circular_conv`): ``rfft`` → one batched complex GEMM over frequencies → ``irfft``, in
   fp32 (fp64 for fp64 inputs). Exact to the compute precision; memory-bound in half precision (fp32 copies,
   complex spectra, layout copies).
-- **DFT as GEMM** (half precision, even ``b`` up to :data:`DFT_MAX_BLOCK`): the per-block real DFT is a dense
+- **DFT as GEMM** (half precision, even ``b`` up to :func:`dft_max_block`): the per-block real DFT is a dense
   ``b×b`` real matrix, so the whole operator is three GEMMs with half-precision operands and fp32
   accumulation, no layout copy, the inverse accumulated straight into the frozen layer's output.
 
@@ -33,6 +33,7 @@ from torch.fft import irfft, rfft
 __all__ = [
     "DFT_MAX_BLOCK",
     "add_block_circular_conv",
+    "dft_max_block",
     "block_circular_conv",
     "block_circulant_linear",
     "circulant_matrix",
@@ -40,11 +41,16 @@ __all__ = [
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
-# Largest block size for which the DFT-as-GEMM path is used in half precision. Its transforms cost
-# 2·b FLOPs per input and output element (the FFT's ~5·log2(b), but memory-bound and in fp32), so the
-# GEMM path stops paying for large b: between b = 256 and 512 on a 2-core x86-64 CPU (docs/performance.md;
-# a roofline estimate puts an H100's crossover near 1024, unmeasured).
-DFT_MAX_BLOCK = 256
+# Largest block size for which half precision takes the DFT-as-GEMM path, per device type. Its transforms
+# cost 2·b FLOPs per input and output element (the FFT's ~5·log2(b), but memory-bound and in fp32), so the
+# GEMM path stops paying for large b. Measured (docs/performance.md): between b = 256 and 512 on a 2-core
+# x86-64 CPU; on an H200 the GEMM path is still ahead at b = 1024 (2048 unmeasured). Other devices: the CPU's.
+DFT_MAX_BLOCK = {"cpu": 256, "cuda": 1024}
+
+
+def dft_max_block(device: torch.device) -> int:
+    """The largest even block size that takes the DFT path in half precision on ``device``."""
+    return DFT_MAX_BLOCK.get(torch.device(device).type, DFT_MAX_BLOCK["cpu"])
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -306,8 +312,8 @@ def add_block_circular_conv(
     one. Per block size ``b`` the path is:
 
     - ``"dft"`` when the call runs in half precision (``x`` or ``result`` bf16/fp16, or autocast active) and
-      ``b`` is even and at most :data:`DFT_MAX_BLOCK`: three GEMMs with half-precision operands and fp32
-      accumulation, the last one accumulating into ``result``;
+      ``b`` is even and at most :func:`dft_max_block` (256 on CPU, 1024 on CUDA): three GEMMs with
+      half-precision operands and fp32 accumulation, the last one accumulating into ``result``;
     - ``"fft"`` otherwise (fp32/fp64; odd or large ``b``): :func:`block_circular_conv`, computed in fp32/fp64.
 
     Args:
@@ -340,8 +346,9 @@ def add_block_circular_conv(
         wide = torch.float64 if torch.float64 in (x.dtype, result.dtype) else torch.float32
         inplace = inplace or result.dtype != wide  # the converted copy is ours
         result = result.to(wide)
+    largest = dft_max_block(x.device)
     for b, kernel in by_block.items():
-        chosen = path or ("dft" if half is not None and b % 2 == 0 and b <= DFT_MAX_BLOCK else "fft")
+        chosen = path or ("dft" if half is not None and b % 2 == 0 and b <= largest else "fft")
         if chosen == "dft":
             if b % 2:
                 raise ValueError(f"the DFT path needs an even block size, got {b}")
