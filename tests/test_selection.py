@@ -153,3 +153,30 @@ def test_a_failed_point_past_the_edge_ends_the_search_there(tmp_path, monkeypatc
 def test_only_learning_rate_grids_go_past_their_edges(tmp_path, monkeypatch):
     _, trained = _fake_suite(tmp_path, monkeypatch, 1.0, row="lora:lr=1:rank=2,4")
     assert [path.split(os.sep)[2] for path in trained] == ["rank=2", "rank=4", "rank=2"]  # no rank=8
+
+
+def test_readme_defaults_table_matches_the_registry():
+    """The README's table of per-method defaults is the registry's, value for value (docs that match behaviour)."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    table = text[text.index("| method | `--lr` | suite grid |"):].split("\n\n")[0].splitlines()[2:]
+    seen = set()
+    for line in table:
+        names, lr, grid, head_lr, weight_decay = [c.strip() for c in line.strip().strip("|").split("|")]
+        lr = lr.split()[0]
+        for name in re.findall(r"`([^`]+)`", names):
+            method = glue.METHODS[name]
+            seen.add(name)
+            if lr != "–":
+                assert float(lr) == method.lr, name
+            assert float(head_lr) == (method.head_lr or method.lr), name
+            assert float(weight_decay) == method.weight_decay, name
+            if grid == "–":
+                assert method.grid == (), name
+            else:
+                option = grid.split()[0] if grid.startswith("head-lr") else "lr"
+                values = tuple(v.strip() for v in grid.removeprefix("head-lr").split(","))
+                assert method.grid == ((option, values),), name
+    assert seen == set(glue.METHODS)
