@@ -465,6 +465,27 @@ def test_report_table_layout(tmp_path):
     assert not math.isnan(summary.scores["lora"]["SST-2"][0])
 
 
+def test_report_pairs_rows_with_the_reference_seed_by_seed(tmp_path):
+    """The paired table subtracts the reference's score on the same seed only: a seed the reference lacks is left
+    out, a column it lacks shows no entry; without the reference row there is no paired table."""
+
+    def cell(row, column, value, seed):
+        return report.Cell(row, column, {**_result("accuracy", value, 10, 2**20), "seed": seed})
+
+    lora = [cell("lora", "SST-2", v, seed) for seed, v in enumerate([0.80, 0.81, 0.79])]
+    c3a = [cell("c3a", "SST-2", v, seed) for seed, v in enumerate([0.82, 0.80, 0.84, 0.10])]  # seed 3: lora lacks it
+    c3a.append(cell("c3a", "CoLA", 0.3, 0))
+    report.write_report(lora + c3a, str(tmp_path), rows=["c3a", "lora"], columns=["SST-2", "CoLA"], title="t",
+                        reference="lora")
+    text = (tmp_path / "table.md").read_text()
+    section = text[text.index("## t: paired with lora (same seeds)"):].splitlines()
+    diffs = [2.0, -1.0, 5.0]
+    assert section[4] == f"| c3a | +{np.mean(diffs):.1f} ± {np.std(diffs, ddof=1):.1f} (2/3) | – |"
+    assert not any(line.startswith("| lora |") for line in section)
+    report.write_report(c3a, str(tmp_path), rows=["c3a"], columns=["SST-2"], title="t", reference="lora")
+    assert "paired with" not in (tmp_path / "table.md").read_text()
+
+
 def test_c3a_methods_default_to_lora_r8s_budget_per_layer():
     """Without --block-size, `c3a` and `peft-c3a` adapt each layer at the smallest block size within LoRA r=8's
     r·(d_in+d_out) weights — the same sizes for both, also where layers differ (GQA: q 64×64, v 64→16)."""

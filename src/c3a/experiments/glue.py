@@ -592,6 +592,7 @@ def _write_suite_report(args, rows: list[Row], tasks: list[str], cells: list[Sui
         columns=[TASKS[t].title for t in tasks],
         title=f"GLUE, model {args.model}",
         notes=selection_notes(rows, tasks, choices, select_seeds, args.extend_edges),
+        reference=next((row.label for row in rows if row.method == "lora"), None),
     )
     write_results(os.path.join(args.out, "selection.json"), {
         f"{task}/{spec}": {"chosen": c.point.label, "validation_means": {p.label: m for p, m in c.means.items()}}

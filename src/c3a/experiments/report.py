@@ -124,6 +124,38 @@ def markdown_table(summary: Summary, title: Optional[str] = None) -> str:
     return "\n".join(lines)
 
 
+def paired_table(cells: list[Cell], reference: str, rows: list[str], columns: list[str], title: str) -> str:
+    """Each row minus ``reference``, seed by seed (one seed fixes the validation split and the data order, so both
+    runs saw the same data): per column the mean ± sample std of the test differences ×100
+    and on how many seeds the row scored higher. Seeds that only one of the two ran are left out."""
+    by_seed: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
+    for cell in cells:
+        if "seed" in cell.results:
+            by_seed[cell.row, cell.column][int(cell.results["seed"])] = score(cell.results)
+    lines = [f"## {title}", "", "| Method | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for row in rows:
+        if row == reference:
+            continue
+        entries = []
+        for column in columns:
+            mine, theirs = by_seed.get((row, column), {}), by_seed.get((reference, column), {})
+            diffs = [mine[seed] - theirs[seed] for seed in sorted(mine.keys() & theirs.keys())]
+            if not diffs:
+                entries.append("–")
+                continue
+            spread = f" ± {np.std(diffs, ddof=1):.1f}" if len(diffs) > 1 else ""
+            entries.append(f"{np.mean(diffs):+.1f}{spread} ({sum(d > 0 for d in diffs)}/{len(diffs)})")
+        lines.append(f"| {row} | " + " | ".join(entries) + " |")
+    lines += [
+        "",
+        f"Test score ×100 of the row minus {reference}'s, seed by seed; mean ± sample std over the seeds both ran, "
+        "(k/n): on k of those n seeds the row scored higher. With a few seeds, a mean difference within about one "
+        "std of zero is not distinguishable from seed noise.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def bar_chart(summary: Summary, path: str, title: Optional[str] = None) -> None:
     """Grouped bars (score per column, std as error bars) beside average score vs trainable parameters."""
     import matplotlib
@@ -161,13 +193,18 @@ def bar_chart(summary: Summary, path: str, title: Optional[str] = None) -> None:
 
 
 def write_report(
-    cells: list[Cell], out: str, rows=None, columns=None, title: Optional[str] = None, notes: str = ""
+    cells: list[Cell], out: str, rows=None, columns=None, title: Optional[str] = None, notes: str = "",
+    reference: Optional[str] = None,
 ) -> Summary:
     """``out/table.md`` (test scores, then the validation scores that chose the epochs and hyperparameters, then
-    ``notes``) and ``out/summary.png`` (test) for ``cells``."""
+    each row paired seed by seed with the ``reference`` row where given and present, then ``notes``) and
+    ``out/summary.png`` (test) for ``cells``."""
     summary = summarize(cells, rows, columns)
     validation = summarize(cells, rows, columns, split="validation")
     tables = [markdown_table(summary, title), markdown_table(validation, f"{title or 'Results'}: validation (best epoch)")]
+    if reference in summary.rows and len(summary.rows) > 1:
+        tables.append(paired_table(cells, reference, summary.rows, summary.columns,
+                                   f"{title or 'Results'}: paired with {reference} (same seeds)"))
     tables += [notes] if notes else []
     atomic_write_text(os.path.join(out, "table.md"), "\n".join(tables))
     bar_chart(summary, os.path.join(out, "summary.png"), title)
