@@ -4,6 +4,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -139,6 +140,24 @@ def test_suite_tries_past_a_grid_edge_on_validation_only(tmp_path, monkeypatch, 
     capsys.readouterr()
     assert main(argv) == 0  # resumed: the same cells, nothing trained again
     assert len(trained) == len(tried) + 1 and capsys.readouterr().out.count("done before, skipped") == len(tried) + 1
+
+
+def test_report_only_trains_nothing_and_reports_what_is_finished(tmp_path, monkeypatch, capsys):
+    """--report-only: the finished cells make the tables, nothing is trained, the missing ones are counted; the
+    grid of a task whose selection cells are not all finished contributes no row yet."""
+    argv, trained = _fake_suite(tmp_path, monkeypatch, 0.3)
+    (tmp_path / "table.md").unlink()
+    shutil.rmtree(tmp_path / "sst2" / "c3a_lr_0.1_0.3_1" / "lr=0.3" / "seed1")  # the chosen point's second seed
+    capsys.readouterr()
+    assert main([*argv, "--report-only"]) == 0
+    assert len(trained) == 4  # the first run's 3 + 1 cells, nothing since
+    assert "report only: 1 planned cell(s) not finished yet" in capsys.readouterr().out
+    assert "lr=0.3 (" in (tmp_path / "table.md").read_text()
+    shutil.rmtree(tmp_path / "sst2" / "c3a_lr_0.1_0.3_1" / "lr=1" / "seed0")  # now the grid itself is incomplete
+    assert main([*argv, "--report-only"]) == 0 and len(trained) == 4
+    assert "report only: 1 planned cell(s) not finished yet" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--report-only trains nothing"):
+        main([*argv, "--report-only", "--overwrite"])
 
 
 def test_a_failed_point_past_the_edge_ends_the_search_there(tmp_path, monkeypatch, capsys):

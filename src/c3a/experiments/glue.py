@@ -296,6 +296,11 @@ def add_glue_suite_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="grid folder: <task>/<row>/[<grid point>/]seed<k>/results.json, table.md, summary.png")
     parser.add_argument("--overwrite", action="store_true", help="rerun cells whose recorded settings differ from the requested ones (default: stop and name them)")
+    parser.add_argument(
+        "--report-only", action="store_true",
+        help="train nothing: write table.md, summary.png and selection.json from the cells already finished (e.g. "
+        "over all tasks while other suite processes train one task each) and count those still missing",
+    )
     _add_shared_arguments(parser)
 
 
@@ -485,6 +490,8 @@ def run_glue_suite(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown tasks {unknown}; choose from {', '.join(TASKS)}")
     if not set(select_seeds) <= set(seeds):
         raise ValueError(f"--select-seeds {select_seeds} must be among --seeds {seeds}")
+    if args.report_only and args.overwrite:
+        raise ValueError("--report-only trains nothing, so --overwrite would rerun nothing: give one of them")
     rows = [parse_row(spec, default_grid=args.lr is None) for spec in _row_specs(args.methods)]
     per_task = parse_task_options(args.task_options)
     shared = _shared_argv(args)
@@ -522,12 +529,15 @@ def run_glue_suite(args: argparse.Namespace) -> int:
     # Before anything runs: every option, and the settings of whatever the other seeds may reuse at any grid point.
     check(cells + [plan(task, row, point, seed) for seed in later_seeds for task in tasks for row in rows
                    for point in row.points()])  # fmt: skip
-    failed = []
+    failed, unfinished = [], []
 
     def run(batch: list[SuiteCell]) -> None:
         for cell in batch:
             if os.path.isfile(cell.results_path) and cell not in stale:
                 print(f"[{cells.index(cell) + 1}/{len(cells)}] {cell.folder}: done before, skipped", flush=True)
+                continue
+            if args.report_only:
+                unfinished.append(cell.folder)
                 continue
             print(f"[{cells.index(cell) + 1}/{len(cells)}] c3a glue {' '.join(cell.argv)}", flush=True)
             # one process per cell: peak RSS is a per-process high-water mark
@@ -562,6 +572,8 @@ def run_glue_suite(args: argparse.Namespace) -> int:
 
     if _write_suite_report(args, rows, tasks, cells, select_seeds):
         print(f"table: {os.path.join(args.out, 'table.md')}, chart: {os.path.join(args.out, 'summary.png')}")
+    if args.report_only:  # cells not planned yet (other seeds of an unfinished grid) are not counted
+        print(f"report only: {len(unfinished)} planned cell(s) not finished yet", flush=True)
     if failed:
         print(f"{len(failed)} cell(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
