@@ -157,8 +157,7 @@ def _grid(option: str, *values: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
 # 2 epochs = 125 steps, head lr 4e-3): each method's best there and the two values below it on the ×3 ladder. The
 # single-run `lr` is the grid value whose worst loss against the best value, over four settings (that probe;
 # full-data SST-2 at 3 epochs, MRPC and CoLA at 10), is smallest: the middle for every adapter (the top one
-# collapsed to the majority class on MRPC or CoLA for LoRA, VeRA and C³A), the top for `head`. `full`: the probe's
-# best until its full-data cells are in.
+# collapsed to the majority class on MRPC or CoLA for LoRA, VeRA and C³A), the top for `head` and `full`.
 # The task head trains at 4e-3 for every method, so heads are treated alike; `head` alone tunes the head's rate.
 HEAD_LR = 4e-3
 METHODS: dict[str, Method] = {
