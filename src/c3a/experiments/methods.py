@@ -156,8 +156,9 @@ def _grid(option: str, *values: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
 # Both come from measurements in docs/results.md: the grids from a probe (all-MiniLM-L6-v2, SST-2, 2,000 rows,
 # 2 epochs = 125 steps, head lr 4e-3): each method's best there and the two values below it on the ×3 ladder. The
 # single-run `lr` is the grid value whose worst loss against the best value, over four settings (that probe;
-# full-data SST-2 at 3 epochs, MRPC and CoLA at 10), is smallest: the middle for every adapter (the top one
-# collapsed to the majority class on MRPC or CoLA for LoRA, VeRA and C³A), the top for `head` and `full`.
+# full-data SST-2 at 3 epochs, MRPC and CoLA at 10), is smallest: the middle for every adapter (LoRA's and VeRA's
+# top collapsed to the majority class on MRPC and CoLA, C³A's trailed by up to 23 points), the top for `head` and
+# `full`.
 # The task head trains at 4e-3 for every method, so heads are treated alike; `head` alone tunes the head's rate.
 HEAD_LR = 4e-3
 METHODS: dict[str, Method] = {
