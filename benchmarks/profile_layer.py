@@ -9,20 +9,12 @@ for C³A's DFT path, the top kernels. A gap between the first and the last colum
 import statistics
 
 import torch
-from peft import LoraConfig
-from peft.tuners.lora import Linear as LoraLinear
 from torch.profiler import ProfilerActivity, profile
 
+from c3a.experiments.bench import lora_layer
 from c3a.functional import add_block_circular_conv
 
 D, B, RANK = 4096, 128, 32
-
-
-def lora_layer(base, dtype):
-    layer = LoraLinear(base, "default", LoraConfig(r=RANK, lora_alpha=2 * RANK), r=RANK, lora_alpha=2 * RANK)
-    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02)  # not zero: the real backward
-    layer.lora_A.to(dtype), layer.lora_B.to(dtype)
-    return layer
 
 
 def timings(step):
@@ -55,7 +47,7 @@ def main():
     torch.manual_seed(0)
     base = torch.nn.Linear(D, D).cuda().bfloat16().requires_grad_(False)
     kernel = (torch.randn(D // B, D // B, B, device="cuda") / D).requires_grad_()
-    lora, lora_bf16 = lora_layer(base, torch.float32), lora_layer(base, torch.bfloat16)
+    lora, lora_bf16 = lora_layer(base, RANK, torch.float32), lora_layer(base, RANK, torch.bfloat16)
     for tokens in (8192, 16384):
         x = torch.randn(tokens, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         grad = torch.randn(tokens, D, device="cuda", dtype=torch.bfloat16)

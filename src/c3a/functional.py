@@ -33,10 +33,10 @@ from torch.fft import irfft, rfft
 __all__ = [
     "DFT_MAX_BLOCK",
     "add_block_circular_conv",
-    "dft_max_block",
     "block_circular_conv",
     "block_circulant_linear",
     "circulant_matrix",
+    "dft_max_block",
 ]
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -48,7 +48,7 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 DFT_MAX_BLOCK = {"cpu": 256, "cuda": 1024}
 
 
-def dft_max_block(device: torch.device) -> int:
+def dft_max_block(device: torch.device | str) -> int:
     """The largest even block size that takes the DFT path in half precision on ``device``."""
     return DFT_MAX_BLOCK.get(torch.device(device).type, DFT_MAX_BLOCK["cpu"])
 

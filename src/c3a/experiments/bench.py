@@ -261,7 +261,9 @@ def check_against_float64(x, kernel, grad, paths, autocast: bool) -> dict[str, f
     return errors
 
 
-def _lora_layer(base, rank: int, dtype: torch.dtype):
+def lora_layer(base, rank: int, dtype: torch.dtype):
+    """PEFT's LoRA layer of ``rank`` (alpha 2·rank) over ``base``, adapter weights in ``dtype``, B not zero so that
+    backward does the work of a trained adapter."""
     from peft import LoraConfig
     from peft.tuners.lora import Linear as LoraLinear
 
@@ -316,8 +318,8 @@ def operator_grid(device: str, dtype: torch.dtype, shapes, block_sizes, token_co
         check = check_against_float64(x[:few], kernel / d_in, grad[:few], paths, autocast)
         if max(check.values()) > 0.1:
             raise RuntimeError(f"C³A path disagrees with the float64 reference at {(d_in, d_out, b)}: {check}")
-        lora = _lora_layer(base, rank, torch.float32)
-        lora_half = _lora_layer(base, rank, dtype) if dtype != torch.float32 else None
+        lora = lora_layer(base, rank, torch.float32)
+        lora_half = lora_layer(base, rank, dtype) if dtype != torch.float32 else None
         peft_c3a = _peft_c3a_layer(base, b)
 
         def step(forward):
