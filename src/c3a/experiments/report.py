@@ -182,6 +182,7 @@ def bar_chart(summary: Summary, path: str, title: Optional[str] = None) -> None:
             scatter.scatter(x, average)
             scatter.annotate(row, (x, average), fontsize=7, xytext=(3, 3), textcoords="offset points")
     scatter.set_xscale("log")
+    scatter.margins(x=0.12, y=0.08)  # room for the labels of the outermost points
     scatter.set_xlabel("trainable parameters, head excluded (0 drawn at 1)")
     scatter.set_ylabel("average score")
     if title:
