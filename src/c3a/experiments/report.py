@@ -149,8 +149,9 @@ def paired_table(cells: list[Cell], reference: str, rows: list[str], columns: li
     lines += [
         "",
         f"Test score ×100 of the row minus {reference}'s, seed by seed; mean ± sample std over the seeds both ran, "
-        "(k/n): on k of those n seeds the row scored higher. With a few seeds, a mean difference within about one "
-        "std of zero is not distinguishable from seed noise.",
+        "(k/n): on k of those n seeds the row scored higher. A 95 % interval for the mean difference is mean ± "
+        "t·std/√n, t from Student's t with n − 1 degrees of freedom (n = 3: ± 2.5 std; n = 2: ± 9.0 std): where it "
+        "holds zero, the difference is not distinguishable from seed noise.",
         "",
     ]
     return "\n".join(lines)
