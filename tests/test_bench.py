@@ -94,6 +94,7 @@ def test_half_adapter_spec_keeps_trainable_weights_in_bf16(tiny_roberta_dir):
     (["--methods", "dora"], "unknown method 'dora'"),
     (["--methods", "lora:x"], "positive integer"),
     (["--methods", "", "--operator", "--op-shapes", "768"], "IN_xOUT"),
+    (["--methods", "lora:8", "--model", "/no/such/model-folder"], "neither a built-in model"),
 ])
 def test_bench_rejects_bad_options_before_any_worker(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) if argv[0] == "--rounds" else pytest.raises(ValueError, match=message):

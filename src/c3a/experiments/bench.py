@@ -480,7 +480,7 @@ def _device_name(device: str) -> str:
 def add_bench_arguments(p) -> None:
     p.add_argument("--model", default="roberta-base",
                    help="a built-in paper architecture (roberta-base, roberta-large, llama2-7b, llama3-8b, ...), "
-                        "a hub id or a folder with config.json; weights are random")
+                        "a shortcut (minilm), a hub id or a folder with config.json; weights are random")
     p.add_argument("--layers", type=positive_int, default=None, help="number of layers (default: the model's; e.g. 2 for LLaMA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU")
@@ -517,6 +517,10 @@ def run_bench(args) -> int:
         raise ValueError("nothing to run: give --methods or --operator")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available")
+    if specs:  # a bad --model fails here, in one line, not inside every worker
+        from c3a.paper_models import model_config
+
+        model_config(args.model)
     if args.operator:  # every list is checked before any worker starts
         shapes = [tuple(_positive_ints("--op-shapes", s, "x")) for s in args.op_shapes.split(",")]
         if any(len(shape) != 2 for shape in shapes):

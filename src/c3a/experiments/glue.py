@@ -171,7 +171,8 @@ def tokenize(dataset, tokenizer, task: Task, max_length: int, pad_to_max_length:
 # -- c3a glue -------------------------------------------------------------------------------------------
 def _add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `c3a glue` that `c3a glue-suite` passes on to every cell."""
-    from c3a.experiments.train import MODEL_SHORTCUTS, add_method_arguments, add_training_arguments
+    from c3a.experiments.train import add_method_arguments, add_training_arguments
+    from c3a.paper_models import MODEL_SHORTCUTS
 
     parser.add_argument(
         "--model",
@@ -214,9 +215,10 @@ def run_glue(args: argparse.Namespace) -> int:
     from transformers import DataCollatorWithPadding, set_seed
 
     from c3a.experiments.train import (
-        end_distributed, evaluate, fit, head_modules, method_options, name_as_given, resolve_model, results_record,
+        end_distributed, evaluate, fit, head_modules, method_options, name_as_given, results_record,
         train_config, write_results,
     )
+    from c3a.paper_models import resolve_model
 
     task = TASKS[args.task]
     out = args.out or os.path.join("c3a-glue", args.task, args.method, f"seed{args.seed}")

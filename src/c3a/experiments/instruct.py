@@ -286,8 +286,9 @@ def run_sft(args: argparse.Namespace) -> int:
 
     from c3a.experiments.methods import build_method, trainable_parameters
     from c3a.experiments.train import (
-        end_distributed, fit, method_options, name_as_given, resolve_model, results_record, train_config, write_results,
+        end_distributed, fit, method_options, name_as_given, results_record, train_config, write_results,
     )
+    from c3a.paper_models import resolve_model
 
     fmt = FORMATS[args.format]
     out = args.out or os.path.join("c3a-sft", args.format, args.method, f"seed{args.seed}")

