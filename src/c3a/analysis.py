@@ -575,7 +575,8 @@ def count_parameters(
     boft_butterfly_factor: int = 1,
 ) -> ParamReport:
     """Trainable parameters of ``method`` on ``model`` (a name of :data:`c3a.paper_models.PAPER_MODELS`, a
-    shortcut of :data:`c3a.paper_models.MODEL_SHORTCUTS`, or anything ``AutoConfig`` loads), heads excluded, with Table 1's time/space terms per adapted layer.
+    shortcut of :data:`c3a.paper_models.MODEL_SHORTCUTS`, or anything ``AutoConfig`` loads), heads excluded, with
+    Table 1's time/space terms per adapted layer.
 
     The bare model (``AutoModel``: no task head; its pre-training ``pooler`` is excluded too) is built on the
     meta device — no weights, no memory, no download — and the method is applied through

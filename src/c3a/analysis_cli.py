@@ -107,7 +107,8 @@ def add_params_arguments(p: argparse.ArgumentParser) -> None:
     from .paper_models import MODEL_SHORTCUTS, PAPER_MODELS
 
     p.add_argument("--model", required=True,
-                   help=f"{', '.join([*PAPER_MODELS, *MODEL_SHORTCUTS])}, or any hub id / folder with a config.json (config only)")
+                   help=f"{', '.join([*PAPER_MODELS, *MODEL_SHORTCUTS])}, or any hub id / folder with a config.json "
+                        "(config only)")
     p.add_argument("--method", required=True, choices=list(analysis.COMPLEXITY))
     p.add_argument("--block-size", type=block_size, default="auto",
                    help='C³A block size, or "auto" (the default): per layer, within LoRA rank --rank\'s parameters')

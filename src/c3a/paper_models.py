@@ -100,9 +100,8 @@ def model_config(name: str) -> PretrainedConfig:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ValueError(
-            f"{name!r} is neither a built-in model ({', '.join(PAPER_MODELS)}), a shortcut ({', '.join(MODEL_SHORTCUTS)}) "
-            f"nor a config that "
-            f"transformers can load: {e}"
+            f"{name!r} is neither a built-in model ({', '.join(PAPER_MODELS)}), a shortcut "
+            f"({', '.join(MODEL_SHORTCUTS)}) nor a config that transformers can load: {e}"
         ) from None
 
 

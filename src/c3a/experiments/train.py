@@ -29,6 +29,7 @@ from c3a.experiments.methods import METHODS, MethodOptions, is_head_param
 from c3a.io import atomic_write_text
 from c3a.paper_models import SHORTCUT_HUB_IDS
 
+
 def name_as_given(model: nn.Module, name: str) -> nn.Module:
     """``model`` naming itself as the user named it: a shortcut's hub id, not this machine's install path, so that
     saved adapters (``base_model_name_or_path``) and PEFT's model cards carry no local path."""
