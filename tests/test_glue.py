@@ -12,7 +12,7 @@ from datasets import Dataset
 from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer, TrainerCallback
 
 from c3a.cli import main
-from c3a.experiments import glue, report
+from c3a.experiments import glue, report, suite
 from c3a.experiments.methods import MethodOptions, build_method
 from c3a.experiments.train import TrainConfig, fit, head_modules
 from c3a.paper_models import model_config, resolve_model
@@ -326,13 +326,13 @@ def test_model_shortcut_resolves_to_the_installed_package():
 
 # -- glue-suite and the report ----------------------------------------------------------------------------
 def test_row_specs():
-    row = glue.parse_row("c3a:block-size=64:lr=0.2")
+    row = suite.parse_row("c3a:block-size=64:lr=0.2")
     assert (row.method, row.argv, row.label) == ("c3a", ("--block-size", "64", "--lr", "0.2"), "c3a (block-size=64, lr=0.2)")
-    assert glue.parse_row("lora").label == "lora" and glue.parse_row("lora").argv == ()
+    assert suite.parse_row("lora").label == "lora" and suite.parse_row("lora").argv == ()
     with pytest.raises(ValueError, match="unknown"):
-        glue.parse_row("dora")
+        suite.parse_row("dora")
     with pytest.raises(ValueError, match="NAME=VALUE"):
-        glue.parse_row("c3a:64")
+        suite.parse_row("c3a:64")
 
 
 def test_shared_options_round_trip():
@@ -343,7 +343,7 @@ def test_shared_options_round_trip():
     argv = ["--task", "sst2", "--method", "lora", "--model", "m", "--targets", "query", "key", "--pad-to-max-length",
             "--lr", "0.5", "--block-size", "auto", "--epochs", "2"]  # fmt: skip
     args = parser.parse_args(argv)
-    again = parser.parse_args(["--task", "sst2", "--method", "lora", *glue._shared_argv(args)])
+    again = parser.parse_args(["--task", "sst2", "--method", "lora", *suite.shared_argv(args, glue._experiment())])
     assert vars(again) == vars(args)
 
 
@@ -395,7 +395,7 @@ def test_suite_grid_selects_on_validation_and_resumes(model_dir, data_dir, tmp_p
 
 def test_suite_tables_follow_every_finished_cell(model_dir, data_dir, tmp_path, monkeypatch):
     """A suite stopped while its second cell runs still leaves table.md, selection.json and the chart of the first."""
-    out, calls, real = tmp_path / "grid", [], glue.subprocess.run
+    out, calls, real = tmp_path / "grid", [], suite.subprocess.run
 
     def run(command, *args, **kwargs):
         calls.append(command)
@@ -403,7 +403,7 @@ def test_suite_tables_follow_every_finished_cell(model_dir, data_dir, tmp_path, 
             raise KeyboardInterrupt  # e.g. the machine's session ends here
         return real(command, *args, **kwargs)
 
-    monkeypatch.setattr(glue.subprocess, "run", run)
+    monkeypatch.setattr(suite.subprocess, "run", run)
     with pytest.raises(KeyboardInterrupt):
         main(["glue-suite", "--model", model_dir, "--data-dir", data_dir, "--tasks", "sst2", "--seeds", "0",
               "--methods", "head:head-lr=1e-3", "bitfit:lr=1e-3", "--out", str(out), *RUN])  # fmt: skip
@@ -436,7 +436,7 @@ def test_suite_task_options_set_one_tasks_cells(model_dir, data_dir, tmp_path):
 
 
 def test_suite_checks_every_cell_before_running(model_dir, tmp_path):
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="unrecognized arguments: --no-such-option 1"):
         main(["glue-suite", "--model", model_dir, "--tasks", "sst2", "--methods", "head", "c3a:no-such-option=1",
               "--out", str(tmp_path / "grid")])  # fmt: skip
     assert not (tmp_path / "grid").exists()

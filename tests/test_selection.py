@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from c3a.cli import main
-from c3a.experiments import glue
+from c3a.experiments import glue, suite
 from c3a.experiments.selection import GridPoint, grid_points, select, step_beyond
 
 LRS = grid_points([("lr", ("1e-3", "1e-2", "1e-1"))])
@@ -38,36 +38,36 @@ def test_incomplete_points_are_not_chosen():
 
 
 def test_rows_with_grids_and_registry_defaults():
-    row = glue.parse_row("lora:rank=4:lr=1e-3,1e-2")
+    row = suite.parse_row("lora:rank=4:lr=1e-3,1e-2")
     assert row.argv == ("--rank", "4") and row.grid == (("lr", ("1e-3", "1e-2")),)
     assert [p.argv for p in row.points()] == [("--lr", "1e-3"), ("--lr", "1e-2")]
-    assert glue._row_specs(["lora:lr=1e-3,1e-2,c3a:block-size=8", "head"]) == [
+    assert suite._row_specs(["lora:lr=1e-3,1e-2,c3a:block-size=8", "head"]) == [
         "lora:lr=1e-3,1e-2", "c3a:block-size=8", "head",
     ]
-    default = glue.parse_row("lora", default_grid=True)
+    default = suite.parse_row("lora", default_grid=True)
     assert default.grid == glue.METHODS["lora"].grid
-    assert glue.parse_row("lora:lr=5e-4", default_grid=True).grid == ()  # an explicit lr wins
+    assert suite.parse_row("lora:lr=5e-4", default_grid=True).grid == ()  # an explicit lr wins
     with pytest.raises(ValueError, match="NAME=VALUE"):
-        glue.parse_row("lora:lr=")
+        suite.parse_row("lora:lr=")
 
 
 def _fake_cell(tmp_path, point, seed, validation, test):
-    row = glue.parse_row("lora:lr=1e-3,1e-2,1e-1")
+    row = suite.parse_row("lora:lr=1e-3,1e-2,1e-1")
     folder = tmp_path / point.folder / f"seed{seed}"
     folder.mkdir(parents=True)
     results = {"main_metric": "accuracy", "validation": {"accuracy": validation}, "test": {"accuracy": test}}
     (folder / "results.json").write_text(json.dumps(results))
-    return glue.SuiteCell("sst2", row, point, seed, str(folder), ())
+    return suite.SuiteCell("sst2", row, point, seed, str(folder), ())
 
 
 def test_suite_selection_reads_validation_only(tmp_path):
     # validation favours lr=1e-2, test favours lr=1e-1 by far: the choice follows validation
     scores = {LRS[0]: (0.60, 0.99), LRS[1]: (0.80, 0.50), LRS[2]: (0.70, 1.00)}
     cells = [_fake_cell(tmp_path, p, seed, v + seed / 100, t) for p, (v, t) in scores.items() for seed in (0, 1)]
-    choice = glue._choices(cells, [0, 1])[("sst2", "lora:lr=1e-3,1e-2,1e-1")]
+    choice = suite._choices(cells, [0, 1])[("sst2", "lora:lr=1e-3,1e-2,1e-1")]
     assert choice.point == LRS[1] and choice.means[LRS[1]] == pytest.approx(80.5)
-    assert glue._choices(cells, [0])[("sst2", "lora:lr=1e-3,1e-2,1e-1")].point == LRS[1]
-    assert glue._choices(cells[:-1], [0, 1]) == {}  # lr=1e-1 misses seed 1: no choice until the grid is complete
+    assert suite._choices(cells, [0])[("sst2", "lora:lr=1e-3,1e-2,1e-1")].point == LRS[1]
+    assert suite._choices(cells[:-1], [0, 1]) == {}  # lr=1e-1 misses seed 1: no choice until the grid is complete
 
 
 @pytest.mark.parametrize(
@@ -91,10 +91,12 @@ def _fake_suite(tmp_path, monkeypatch, best_lr: float, *extra: str, row: str = "
     folders trained."""
     from c3a.experiments.train import train_config
 
-    trained, parser = [], argparse.ArgumentParser()
+    trained, parser, real = [], argparse.ArgumentParser(), subprocess.run
     glue.add_glue_arguments(parser)
 
     def fake(command, *args, **kwargs):
+        if list(command[1:3]) != ["-m", "c3a.cli"]:  # e.g. matplotlib's first font scan
+            return real(command, *args, **kwargs)
         cell = parser.parse_args(command[4:])
         lr = train_config(cell, cell.out).lr
         trained.append(os.path.relpath(cell.out, tmp_path))
@@ -111,7 +113,7 @@ def _fake_suite(tmp_path, monkeypatch, best_lr: float, *extra: str, row: str = "
             json.dump(results, f, default=str)
         return subprocess.CompletedProcess(command, 0)
 
-    monkeypatch.setattr(glue.subprocess, "run", fake)
+    monkeypatch.setattr(suite.subprocess, "run", fake)
     argv = ["glue-suite", "--model", "m", "--tasks", "sst2", "--seeds", "0", "1", "--select-seeds", "0",
             "--methods", row, "--out", str(tmp_path), *extra]  # fmt: skip
     assert main(argv) == status

@@ -1,4 +1,5 @@
-"""GLUE (the paper's Table 2): `c3a glue` trains one method on one task; `c3a glue-suite` runs a grid.
+"""GLUE (the paper's Table 2): `c3a glue` trains one method on one task; `c3a glue-suite` runs a grid of them
+(:mod:`c3a.experiments.suite`).
 
 Protocol: a validation split is carved from train (seeded); the original validation split is the test set;
 the epoch with the best validation score is the one evaluated on test. Metrics: Matthews correlation (CoLA),
@@ -8,11 +9,7 @@ Pearson (STS-B, Spearman reported too), accuracy (the others).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
-import subprocess
-import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,7 +18,6 @@ import numpy as np
 from c3a.argtypes import nonnegative_int, positive_int
 from c3a.experiments.jsonl import read_jsonl
 from c3a.experiments.methods import METHODS, build_method, trainable_parameters
-from c3a.experiments.selection import Choice, GridPoint, grid_points, select, step_beyond
 
 
 # -- tasks and metrics ----------------------------------------------------------------------------------
@@ -169,7 +165,7 @@ def tokenize(dataset, tokenizer, task: Task, max_length: int, pad_to_max_length:
 
 
 # -- c3a glue -------------------------------------------------------------------------------------------
-def _add_shared_arguments(parser: argparse.ArgumentParser) -> None:
+def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `c3a glue` that `c3a glue-suite` passes on to every cell."""
     from c3a.experiments.train import add_method_arguments, add_training_arguments
     from c3a.paper_models import MODEL_SHORTCUTS
@@ -197,7 +193,7 @@ def add_glue_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", required=True, choices=list(METHODS))
     parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--out", help="output folder (default: c3a-glue/<task>/<method>/seed<seed>)")
-    _add_shared_arguments(parser)
+    add_shared_arguments(parser)
 
 
 def _load_model(name: str, num_labels: int):
@@ -265,388 +261,21 @@ def run_glue(args: argparse.Namespace) -> int:
 
 
 # -- c3a glue-suite -------------------------------------------------------------------------------------
-def _list(values: list[str]) -> list[str]:
-    """Accept both ``a b c`` and ``a,b,c``."""
-    return [v for value in values for v in value.split(",") if v]
+def _experiment():
+    from c3a.experiments.suite import Experiment
+
+    return Experiment("glue", "GLUE", {name: task.title for name, task in TASKS.items()}, "--task",
+                      add_glue_arguments, add_shared_arguments,
+                      default_methods=("full", "bitfit", "ia3", "lora", "vera", "boft", "c3a"))
 
 
 def add_glue_suite_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), help="default: all six")
-    parser.add_argument(
-        "--methods",
-        nargs="+",
-        default=["full", "bitfit", "ia3", "lora", "vera", "boft", "c3a"],
-        help="table rows: a method name, optionally with `c3a glue` options after colons, e.g. "
-        "c3a:block-size=64 or lora:rank=16 (row label `c3a (block-size=64)`); several values separated by commas "
-        "form a grid chosen on validation, e.g. lora:lr=2e-4,5e-4,1e-3. A row without lr (and no suite --lr) "
-        "gets its method's default grid from the registry",
-    )
-    parser.add_argument("--seeds", nargs="+", default=["0", "1", "2"])
-    parser.add_argument(
-        "--select-seeds", nargs="+",
-        help="seeds whose validation scores choose the grid point (default: all --seeds); the other seeds run at "
-        "the chosen point only, once it is known",
-    )
-    parser.add_argument(
-        "--task-options", nargs="+", default=[], metavar="TASK:OPTION=VALUE",
-        help="settings for one task's cells, e.g. mrpc:epochs=10 (a row's own options win)",
-    )
-    parser.add_argument(
-        "--extend-edges", type=nonnegative_int, default=2, metavar="N",
-        help="when a learning-rate grid's best point is its largest or smallest value, try the next value on "
-        "the grid's ladder (0.1, 0.3, 1 → 3), one at a time, up to N beyond each end (default 2; 0: the grid as given)",
-    )
-    parser.add_argument("--out", required=True, help="grid folder: <task>/<row>/[<grid point>/]seed<k>/results.json, table.md, summary.png")
-    parser.add_argument("--overwrite", action="store_true", help="rerun cells whose recorded settings differ from the requested ones (default: stop and name them)")
-    parser.add_argument(
-        "--report-only", action="store_true",
-        help="train nothing: write table.md, summary.png and selection.json from the cells already finished (e.g. "
-        "over all tasks while other suite processes train one task each) and count those still missing",
-    )
-    _add_shared_arguments(parser)
+    from c3a.experiments.suite import add_suite_arguments
 
-
-@dataclass(frozen=True)
-class Row:
-    spec: str  # as given: NAME[:option=value[,value...]...]
-    method: str
-    argv: tuple[str, ...]  # the single-valued options as `c3a glue` flags
-    grid: tuple[tuple[str, tuple[str, ...]], ...] = ()  # options with several values, or the method's default grid
-
-    @property
-    def label(self) -> str:
-        options = self.spec.partition(":")[2]
-        return f"{self.method} ({options.replace(':', ', ')})" if options else self.method
-
-    @property
-    def folder(self) -> str:
-        return re.sub(r"[^A-Za-z0-9.-]+", "_", self.spec)
-
-    def points(self) -> list[GridPoint]:
-        return grid_points(self.grid)
-
-
-def _options(options: list[str], spec: str) -> tuple[list[str], list[tuple[str, tuple[str, ...]]]]:
-    """``NAME=VALUE`` pieces of ``spec`` → (``c3a glue`` flags of the single values, grid of the multi-valued)."""
-    argv, grid = [], []
-    for option in options:
-        name, equals, value = option.partition("=")
-        values = tuple(v for v in value.split(",") if v)
-        if not equals or not name or name.startswith("-") or not values:
-            raise ValueError(f"option {option!r} in {spec!r} must be NAME=VALUE[,VALUE...] (a `c3a glue` option without dashes)")
-        if len(values) > 1:
-            grid.append((name, values))
-        else:
-            argv += [f"--{name}", values[0]]
-    return argv, grid
-
-
-def parse_task_options(specs: list[str]) -> dict[str, tuple[str, ...]]:
-    """``TASK:option=value[:...]`` → ``{task: c3a glue flags}``: per-task settings such as epochs (a row's own
-    options still win). A task not in this suite's ``--tasks`` is allowed (one command split over processes by
-    task keeps its options), an unknown one is not."""
-    out: dict[str, tuple[str, ...]] = {}
-    for spec in specs:
-        task, *options = spec.split(":")
-        if task not in TASKS:
-            raise ValueError(f"--task-options {spec!r}: unknown task {task!r}; choose from {', '.join(TASKS)}")
-        argv, grid = _options(options, spec)
-        if grid or not argv:
-            raise ValueError(f"--task-options {spec!r}: give TASK:option=value, one value per option")
-        out[task] = out.get(task, ()) + tuple(argv)
-    return out
-
-
-def parse_row(spec: str, default_grid: bool = False) -> Row:
-    """``NAME[:option=value...]``; ``value1,value2,...`` makes a grid. ``default_grid``: without an ``lr`` option the
-    row takes its method's default grid (:attr:`Method.grid`)."""
-    method, *options = spec.split(":")
-    if method not in METHODS:
-        raise ValueError(f"method {method!r} in {spec!r} is unknown; choose from {', '.join(METHODS)}")
-    argv, grid = _options(options, spec)
-    named = {name for name, _ in grid} | {a[2:] for a in argv[::2]}
-    if default_grid and "lr" not in named:
-        grid += [(name, values) for name, values in METHODS[method].grid if name not in named]
-    return Row(spec, method, tuple(argv), tuple(grid))
-
-
-def _row_specs(values: list[str]) -> list[str]:
-    """Row specs from ``--methods``: separated by spaces or commas; a comma followed by a value (no method name)
-    continues the previous row's grid (``lora:lr=1e-4,3e-4,c3a`` is two rows)."""
-    specs: list[str] = []
-    for value in values:
-        for piece in value.split(","):
-            if not piece:
-                continue
-            if specs and piece.split(":")[0] not in METHODS and ":" not in piece:
-                specs[-1] += "," + piece
-            else:
-                specs.append(piece)
-    return specs
-
-
-def _shared_argv(args: argparse.Namespace) -> list[str]:
-    """The shared options of ``args`` as command-line flags again, for the cells' `c3a glue`."""
-    parser = argparse.ArgumentParser()
-    _add_shared_arguments(parser)
-    argv = []
-    for action in parser._actions:
-        value = getattr(args, action.dest, None)
-        if action.dest == "help" or value is None or value is False:
-            continue
-        flag = action.option_strings[-1]
-        if value is True:
-            argv.append(flag)
-        elif isinstance(value, list):
-            argv += [flag, *map(str, value)]
-        else:
-            argv += [flag, str(value)]
-    return argv
-
-
-@dataclass(frozen=True)
-class SuiteCell:
-    task: str
-    row: Row
-    point: GridPoint
-    seed: int
-    folder: str
-    argv: tuple[str, ...]
-
-    @property
-    def results_path(self) -> str:
-        return os.path.join(self.folder, "results.json")
-
-
-def _recorded_differences(cell: SuiteCell, requested: argparse.Namespace) -> list[str]:
-    """Settings a finished cell was run with that differ from the requested ones (``out`` aside)."""
-    from c3a.experiments.train import train_config
-
-    with open(cell.results_path) as f:
-        recorded = json.load(f).get("config", {})
-    resolved = train_config(requested, cell.folder)  # defaults resolved as the run resolves them
-    wanted = {**vars(requested), "lr": resolved.lr, "head_lr": resolved.head_lr, "weight_decay": resolved.weight_decay}
-    differences = []
-    for key, value in wanted.items():
-        if key in ("out", "command"):
-            continue
-        value = json.loads(json.dumps(value, default=str))
-        if recorded.get(key) != value:
-            differences.append(f"{key}: {recorded.get(key)!r} → {value!r}")
-    return differences
-
-
-def _load(cell: SuiteCell) -> Optional[dict]:
-    if not os.path.isfile(cell.results_path):
-        return None
-    with open(cell.results_path) as f:
-        return json.load(f)
-
-
-def _choices(cells: list[SuiteCell], select_seeds: list[int]) -> dict[tuple[str, str], Choice]:
-    """Per (task, row) with a grid: the point chosen on the selection seeds' validation scores, among the points
-    planned for that task (the row's grid, then any tried beyond its edge, in that order: ties go to the first)."""
-    from c3a.experiments.report import score
-
-    groups: dict[tuple[str, str], list[SuiteCell]] = {}
-    for cell in cells:
-        if cell.row.grid and cell.seed in select_seeds:
-            groups.setdefault((cell.task, cell.row.spec), []).append(cell)
-    choices = {}
-    for key, group in groups.items():
-        validation: dict[GridPoint, list[float]] = {}
-        for cell in group:
-            results = _load(cell)
-            if results is not None:
-                validation.setdefault(cell.point, []).append(score(results, "validation"))
-        choice = select(validation, list(dict.fromkeys(cell.point for cell in group)), len(select_seeds))
-        if choice is not None and not choice.incomplete:
-            choices[key] = choice
-    return choices
-
-
-def _beyond_edge(row: Row, choice: Choice, limit: int) -> Optional[GridPoint]:
-    """The next point to try when ``choice`` lies on the edge of a one-option learning-rate grid, at most ``limit``
-    points past the row's own values on that side; else ``None``."""
-    if len(row.grid) != 1 or row.grid[0][0] not in ("lr", "head-lr"):
-        return None
-    (name, base), = row.grid
-    try:
-        tried = [float(p.values[0][1]) for p in choice.means]
-        chosen, lowest, highest = float(choice.point.values[0][1]), min(map(float, base)), max(map(float, base))
-    except ValueError:
-        return None
-    for upward, edge, past in ((True, max(tried), sum(x > highest for x in tried)),
-                               (False, min(tried), sum(x < lowest for x in tried))):  # fmt: skip
-        if chosen == edge and past < limit:
-            value = step_beyond([p.values[0][1] for p in choice.means], upward)
-            return None if value is None else GridPoint(((name, value),))
-    return None
+    add_suite_arguments(parser, _experiment())
 
 
 def run_glue_suite(args: argparse.Namespace) -> int:
-    tasks, seeds = _list(args.tasks), [int(s) for s in _list(args.seeds)]
-    select_seeds = [int(s) for s in _list(args.select_seeds)] if args.select_seeds else seeds
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown tasks {unknown}; choose from {', '.join(TASKS)}")
-    if not set(select_seeds) <= set(seeds):
-        raise ValueError(f"--select-seeds {select_seeds} must be among --seeds {seeds}")
-    if args.report_only and args.overwrite:
-        raise ValueError("--report-only trains nothing, so --overwrite would rerun nothing: give one of them")
-    rows = [parse_row(spec, default_grid=args.lr is None) for spec in _row_specs(args.methods)]
-    per_task = parse_task_options(args.task_options)
-    shared = _shared_argv(args)
-    glue_parser = argparse.ArgumentParser(prog="c3a glue")
-    add_glue_arguments(glue_parser)
-    stale: set[SuiteCell] = set()
+    from c3a.experiments.suite import run_suite
 
-    def plan(task: str, row: Row, point: GridPoint, seed: int) -> SuiteCell:
-        folder = os.path.join(args.out, task, row.folder, point.folder, f"seed{seed}")
-        argv = ("--task", task, "--method", row.method, "--seed", str(seed), "--out", folder,
-                *shared, *per_task.get(task, ()), *row.argv, *point.argv)  # fmt: skip
-        return SuiteCell(task, row, point, seed, folder, argv)
-
-    def check(batch: list[SuiteCell]) -> list[SuiteCell]:
-        """Every cell's options parse, and a finished cell's recorded settings are the requested ones (else stop,
-        naming one, unless --overwrite)."""
-        requested = {cell: glue_parser.parse_args(cell.argv) for cell in batch}  # a bad option fails now
-        differing = {cell: diff for cell in batch if os.path.isfile(cell.results_path)
-                     and (diff := _recorded_differences(cell, requested[cell]))}  # fmt: skip
-        if differing and not args.overwrite:
-            cell, diff = next(iter(differing.items()))
-            raise ValueError(
-                f"{len(differing)} finished cell(s) in {args.out} were run with other settings, e.g. {cell.folder}: "
-                f"{'; '.join(diff)}. Use another --out, or --overwrite to rerun them."
-            )
-        stale.update(differing)
-        return batch
-
-    # The selection seeds' cells first (seeds outermost: a partial grid already covers every row and task), then
-    # points beyond a grid's edge where the choice landed on it, then the other seeds at the chosen points.
-    order = sorted(seeds, key=lambda s: s not in select_seeds)
-    later_seeds = [seed for seed in order if seed not in select_seeds]
-    cells = [plan(task, row, point, seed) for seed in order if seed in select_seeds for task in tasks for row in rows
-             for point in row.points()]  # fmt: skip
-    # Before anything runs: every option, and the settings of whatever the other seeds may reuse at any grid point.
-    check(cells + [plan(task, row, point, seed) for seed in later_seeds for task in tasks for row in rows
-                   for point in row.points()])  # fmt: skip
-    failed, unfinished = [], []
-
-    def run(batch: list[SuiteCell]) -> None:
-        for cell in batch:
-            if os.path.isfile(cell.results_path) and cell not in stale:
-                print(f"[{cells.index(cell) + 1}/{len(cells)}] {cell.folder}: done before, skipped", flush=True)
-                continue
-            if args.report_only:
-                unfinished.append(cell.folder)
-                continue
-            print(f"[{cells.index(cell) + 1}/{len(cells)}] c3a glue {' '.join(cell.argv)}", flush=True)
-            # one process per cell: peak RSS is a per-process high-water mark
-            if subprocess.run([sys.executable, "-m", "c3a.cli", "glue", *cell.argv]).returncode != 0:
-                failed.append(cell.folder)
-            else:  # the tables follow every finished cell: a long suite stopped midway still leaves them current
-                _write_suite_report(args, rows, tasks, cells, select_seeds)
-
-    run(list(cells))
-    settled: set[tuple[str, str]] = set()  # a point past the edge failed to train: the choice stays inside
-    while True:  # one more point per (task, row) at a time, as long as the choice sits on an edge
-        extra = []
-        for (task, spec), choice in _choices(cells, select_seeds).items():
-            row = next(r for r in rows if r.spec == spec)
-            point = None if (task, spec) in settled else _beyond_edge(row, choice, args.extend_edges)
-            if point is not None:
-                extra += [plan(task, row, point, seed) for seed in order if seed in select_seeds]
-        if not extra:
-            break
-        cells += check(extra)
-        run(extra)
-        for cell in extra:
-            if cell.folder in failed:
-                cells.remove(cell)
-                settled.add((cell.task, cell.row.spec))
-    choices = _choices(cells, select_seeds)
-    rest = [plan(task, row, choices[(task, row.spec)].point if row.grid else GridPoint(()), seed)
-            for seed in later_seeds for task in tasks for row in rows
-            if not row.grid or (task, row.spec) in choices]  # fmt: skip
-    cells += check(rest)
-    run(rest)
-
-    if _write_suite_report(args, rows, tasks, cells, select_seeds):
-        print(f"table: {os.path.join(args.out, 'table.md')}, chart: {os.path.join(args.out, 'summary.png')}")
-    if args.report_only:  # cells not planned yet (other seeds of an unfinished grid) are not counted
-        print(f"report only: {len(unfinished)} planned cell(s) not finished yet", flush=True)
-    if failed:
-        print(f"{len(failed)} cell(s) failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _write_suite_report(args, rows: list[Row], tasks: list[str], cells: list[SuiteCell], select_seeds: list[int]) -> bool:
-    """table.md, summary.png and selection.json from the cells finished so far (test at chosen points only; a grid
-    still incomplete on the selection seeds contributes no row yet). False when nothing has finished."""
-    from c3a.experiments.report import Cell, write_report
-    from c3a.experiments.train import write_results
-
-    choices = _choices(cells, select_seeds)
-    finished = []
-    for cell in cells:
-        chosen = choices.get((cell.task, cell.row.spec))
-        if cell.row.grid and (chosen is None or chosen.point != cell.point):
-            continue  # test is read at the chosen point only
-        results = _load(cell)
-        if results is not None:
-            finished.append(Cell(cell.row.label, TASKS[cell.task].title, results))
-    if not finished:
-        return False
-    write_report(
-        finished,
-        args.out,
-        rows=[row.label for row in rows],
-        columns=[TASKS[t].title for t in tasks],
-        title=f"GLUE, model {args.model}",
-        notes=selection_notes(rows, tasks, choices, select_seeds, args.extend_edges),
-        reference=next((row.label for row in rows if row.method == "lora"), None),
-    )
-    write_results(os.path.join(args.out, "selection.json"), {
-        f"{task}/{spec}": {"chosen": c.point.label, "validation_means": {p.label: m for p, m in c.means.items()}}
-        for (task, spec), c in choices.items()
-    })  # fmt: skip
-    return True
-
-
-def selection_notes(
-    rows: list[Row], tasks: list[str], choices: dict[tuple[str, str], Choice], select_seeds: list[int], extend_edges: int
-) -> str:
-    """Markdown: per grid row and task, the grid, each point's mean validation score and the chosen point."""
-    gridded = [row for row in rows if row.grid]
-    if not gridded:
-        return ""
-    lines = [
-        "## Hyperparameter selection (validation only)",
-        "",
-        f"Each grid point was trained with seed(s) {', '.join(map(str, select_seeds))}; the point with the best mean "
-        "validation score (best epoch, ×100) was chosen per task (ties: the first listed), and test is reported at "
-        "that point only. Other seeds ran at the chosen point alone."
-        + (f" Where the best point of a learning-rate grid was its largest or smallest value, the next value on the "
-           f"grid's ladder was tried too, one at a time, up to {extend_edges} beyond each end (listed after the "
-           "grid's own, \"beyond\")." if extend_edges else ""),
-        "",
-        "| Method | grid | " + " | ".join(TASKS[t].title for t in tasks) + " |",
-        "|---|---|" + "---|" * len(tasks),
-    ]
-    for row in gridded:
-        grid = "; ".join(f"{name} ∈ {{{', '.join(values)}}}" for name, values in row.grid)
-        cells = []
-        for task in tasks:
-            choice = choices.get((task, row.spec))
-            if choice is None:
-                cells.append("pending")
-                continue
-            own = set(row.points())
-            shown = {p: f"**{m:.1f}**" if p == choice.point else f"{m:.1f}" for p, m in choice.means.items()}
-            means = ", ".join(text for p, text in shown.items() if p in own)
-            beyond = ", ".join(f"{p.label} {text}" for p, text in shown.items() if p not in own)
-            cells.append(f"{choice.point.label} ({means}{'; beyond: ' + beyond if beyond else ''})")
-        lines.append(f"| {row.label} | {grid} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return run_suite(args, _experiment())

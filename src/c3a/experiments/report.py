@@ -25,9 +25,27 @@ class Cell:
     results: dict
 
 
+def selection_metric(results: dict) -> tuple[str, bool]:
+    """The validation metric that chose the run's epoch (and a suite's grid point), and whether higher is better:
+    ``results["select"]`` where a run records one (``c3a sft``: the loss), else the main metric."""
+    select = results.get("select") or {}
+    return select.get("metric", results["main_metric"]), select.get("greater_is_better", True)
+
+
+def metric_name(results: dict, split: str = "test") -> str:
+    return selection_metric(results)[0] if split == "validation" else results["main_metric"]
+
+
 def score(results: dict, split: str = "test") -> float:
-    """The main metric on ``split`` ("test", or "validation": its best epoch), ×100 as papers print it."""
-    return 100 * results[split][results["main_metric"]]
+    """The main metric on ``split`` ("test"), or the selection metric on "validation" (its best epoch), ×100 as
+    papers print scores (a loss as it is)."""
+    metric = metric_name(results, split)
+    return results[split][metric] * (1 if metric == "loss" else 100)
+
+
+def validation_score(results: dict) -> float:
+    """:func:`score` on validation, negated where lower is better: the higher, the better the run."""
+    return score(results, "validation") * (1 if selection_metric(results)[1] else -1)
 
 
 def _bytes(n: float) -> str:
@@ -44,8 +62,9 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
-def _mean_std(values: list[float]) -> str:
-    return f"{np.mean(values):.1f}" if len(values) == 1 else f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
+def _mean_std(values: list[float], digits: int = 1) -> str:
+    mean = f"{np.mean(values):.{digits}f}"
+    return mean if len(values) == 1 else f"{mean} ± {np.std(values, ddof=1):.{digits}f}"
 
 
 @dataclass
@@ -85,7 +104,7 @@ def summarize(
         seconds[cell.row] += r["train_seconds"]
         if cell.row not in memory or r["peak_memory_bytes"] > memory[cell.row][0]:
             memory[cell.row] = (r["peak_memory_bytes"], r["memory_kind"])
-        metrics[cell.column] = r["main_metric"]
+        metrics[cell.column] = metric_name(r, split)
     return Summary(scores, params, memory, seconds, metrics, rows, columns, split)
 
 
@@ -102,18 +121,19 @@ def markdown_table(summary: Summary, title: Optional[str] = None) -> str:
         for column in s.columns:
             values = s.scores[row].get(column, [])
             runs.add(len(values))
-            cells.append(_mean_std(values) if values else "–")
+            cells.append(_mean_std(values, 3 if s.metrics.get(column) == "loss" else 1) if values else "–")
         average = s.average(row)
         memory_bytes, kind = s.memory[row]
         memory = _bytes(memory_bytes) + ("" if len(kinds) == 1 else f" ({kind})")
         lines.append(
             "| " + " | ".join([row, _params(s.params[row]), memory, _minutes(s.seconds[row]), *cells,
-                               "–" if average is None else f"{average:.1f}"]) + " |"
+                               "–" if average is None else f"{average:.{3 if 'loss' in s.metrics.values() else 1}f}"]) + " |"
         )
     seeds = "/".join(str(n) for n in sorted(runs - {0}))
     lines += [
         "",
-        ("Test scores ×100 at the epoch with the best validation score" if s.split == "test" else f"Best {s.split} scores ×100")
+        ("Test scores ×100 at the epoch with the best validation score" if s.split == "test"
+         else f"Best {s.split} scores (×100; a loss as it is)")
         + f"; mean ± sample std over {seeds} run(s) per cell. "
         "Avg. = mean of the column means. # Params: trainable parameters without the task head. "
         "Train time: training wall time summed over the row's runs here. Memory: the highest over the row's runs; "
