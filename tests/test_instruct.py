@@ -141,24 +141,31 @@ def _gsm8k_rows(n, seed=0):
 def test_make_splits_protocol():
     fmt = FORMATS["gsm8k"]
     raw = DatasetDict(train=Dataset.from_list(_gsm8k_rows(60)))
-    splits = make_splits(raw, fmt, seed=0, eval_samples=10)
+    splits = make_splits(raw, fmt, eval_samples=10)
     assert [len(splits[s]) for s in ("train", "validation", "test")] == [48, 2, 10]  # validation: 5% of 50
-    assert set().union(*(splits[s]["idx"] for s in ("train", "validation", "test"))) == set(range(60))  # disjoint
-    assert make_splits(raw, fmt, seed=0, eval_samples=10)["test"]["idx"] == splits["test"]["idx"]  # seeded
-    assert make_splits(raw, fmt, seed=1, eval_samples=10)["test"]["idx"] != splits["test"]["idx"]
+    parts = [set(splits[s]["idx"]) for s in ("train", "validation", "test")]
+    assert set().union(*parts) == set(range(60)) and sum(map(len, parts)) == 60  # disjoint, nothing lost
+    assert splits["test"]["idx"] != list(range(50, 60))  # a random hold-out, not the last rows
+    again = make_splits(raw, fmt, eval_samples=10)  # the same rows every time: runs and methods stay paired
+    assert all(again[s]["idx"] == splits[s]["idx"] for s in ("train", "validation", "test"))
+    # --validation-samples: a fixed random subset of a given validation split
+    given = DatasetDict(train=raw["train"], validation=raw["train"].select(range(30)))
+    capped = make_splits(given, fmt, eval_samples=5, validation_samples=4)["validation"]["idx"]
+    assert len(capped) == 4 and capped != [0, 1, 2, 3] and set(capped) < set(range(30))
+    assert make_splits(given, fmt, eval_samples=5, validation_samples=4)["validation"]["idx"] == capped
     # a test split is used as given (at most --eval-samples rows); a validation split too
     given = DatasetDict(train=raw["train"], validation=raw["train"].select(range(3)), test=raw["train"].select(range(20)))
-    splits = make_splits(given, fmt, seed=0, eval_samples=5)
+    splits = make_splits(given, fmt, eval_samples=5)
     assert [len(splits[s]) for s in ("train", "validation", "test")] == [60, 3, 5]
     # a separate evaluation source (MATH after MetaMathQA) with its own field names
     metamath = DatasetDict(train=Dataset.from_dict({"query": ["q"] * 30, "response": ["The answer is: 1"] * 30}))
     math = DatasetDict(test=Dataset.from_dict({"problem": ["p", "p"], "solution": [r"\boxed{1}", r"\boxed{\frac{1}{2}}"]}))
-    splits = make_splits(metamath, FORMATS["metamath"], seed=0, eval_raw=math)
+    splits = make_splits(metamath, FORMATS["metamath"], eval_raw=math)
     assert splits["test"].column_names == ["query", "response"] and len(splits["test"]) == 2
     # a reference without an answer stops everything before training
     bad = DatasetDict(train=raw["train"], test=Dataset.from_dict({"question": ["q"], "answer": ["no number"]}))
     with pytest.raises(ValueError, match="reference answer"):
-        make_splits(bad, fmt, seed=0)
+        make_splits(bad, fmt)
 
 
 class _CharTokenizer:
@@ -267,7 +274,7 @@ def test_sft_two_processes_share_generation(tiny_llama, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     raw = load_dataset("json", data_files={"train": str(tiny_llama / "gsm8k.jsonl")})
-    test = make_splits(raw, FORMATS["gsm8k"], seed=0, eval_samples=5)["test"]
+    test = make_splits(raw, FORMATS["gsm8k"], eval_samples=5)["test"]
     assert [p["prompt"] for p in predictions] == [FORMATS["gsm8k"].prompt(row) for row in test]
     assert json.loads((tmp_path / "results.json").read_text())["test"]["n"] == 5
 

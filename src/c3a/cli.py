@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("c3a.experiments.bench", "training-step time and peak memory of C³A vs the baselines, side by side"),
     "glue-suite": ("c3a.experiments.glue", "run a GLUE grid of methods x tasks x seeds, write table.md and a chart"),
     "sft": ("c3a.experiments.instruct", "instruction-tune a causal LM on GSM8K/MetaMathQA/ViGGO/SQL/Alpaca data, score by generation (paper Table 3)"),
+    "sft-suite": ("c3a.experiments.instruct", "run an instruction-tuning grid of methods x formats x seeds, write table.md and a chart"),
     "vit": ("c3a.experiments.vision", "fine-tune an image classifier (ViT) on a hub dataset or image folders (paper Table 4)"),
 }
 

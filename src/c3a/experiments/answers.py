@@ -151,3 +151,28 @@ SCORERS = {
     "sql": Scorer(normalize_sql),
     "text": Scorer(normalize_text),
 }
+
+
+_SLOT = re.compile(r"(\w+)\[([^\[\]]*)\]")
+
+
+def mr_slots(text: str) -> tuple[str, frozenset[tuple[str, str]]]:
+    """A ViGGO meaning representation's dialogue act and its set of ``(attribute, value)`` slots, values
+    normalised as answers are (spacing, case kept): ``inform(name[Tomb Raider], rating[good])`` →
+    ``("inform", {("name", "Tomb Raider"), ("rating", "good")})``."""
+    line = _first_line(text)
+    act = line.split("(", 1)[0].strip()
+    return act, frozenset((name, normalize_text(value)) for name, value in _SLOT.findall(line))
+
+
+def slot_f1(predictions: list[str], golds: list[str]) -> float:
+    """Micro-averaged F1 of the predicted ``(attribute, value)`` slots against the references', over all rows
+    (the dialogue act counts as one more slot): partial credit where exact match gives none."""
+    hits = predicted = expected = 0
+    for prediction, gold in zip(predictions, golds):
+        (act_p, slots_p), (act_g, slots_g) = mr_slots(prediction), mr_slots(gold)
+        slots_p, slots_g = slots_p | {("act", act_p)} if act_p else slots_p, slots_g | {("act", act_g)}
+        hits += len(slots_p & slots_g)
+        predicted += len(slots_p)
+        expected += len(slots_g)
+    return 2 * hits / (predicted + expected) if predicted + expected else 0.0

@@ -2,10 +2,16 @@
 and scores it by greedy generation.
 
 Protocol: train on the train split with the loss on the answer tokens only (the prompt is masked), for
-``--epochs`` (the paper: one). The validation split (the dataset's own, else a seeded slice carved from train)
-gives a teacher-forced loss every epoch; the epoch with the lowest is kept. Then the test split (``--eval-data``,
-else the dataset's test split, else a seeded hold-out of train) is answered by greedy generation and each
-answer checked by the format's scorer (:mod:`c3a.experiments.answers`).
+``--epochs`` (the paper: one). The validation split (the dataset's own, else a slice carved from train) gives a
+teacher-forced loss every epoch over at most ``--validation-samples`` rows; the epoch with the lowest is kept,
+and a suite chooses hyperparameters by it (smooth where exact-match accuracy on a few hundred rows moves in
+steps of whole answers, and cheap: no generation). Then the test split (``--eval-data``, else the dataset's test
+split, else a hold-out of train) is answered by batched greedy decoding and each answer checked by the format's
+scorer (:mod:`c3a.experiments.answers`). Carved splits use a fixed seed, so every run and method sees the same
+rows; the run's ``--seed`` drives initialisation and data order.
+
+Prompts: a model whose tokenizer has a chat template gets each prompt as one user turn of that template, in
+training and evaluation alike (``--prompt-style``); others get the plain prompt text.
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from c3a.argtypes import positive_int
-from c3a.experiments.answers import SCORERS, Scorer
+from c3a.argtypes import nonnegative_int, positive_int
+from c3a.experiments.answers import SCORERS, Scorer, slot_f1
 from c3a.experiments.jsonl import read_jsonl
 from c3a.experiments.methods import METHODS
 
@@ -31,7 +37,11 @@ class Format:
     prompt: Callable[[dict], str]  # the text the model continues
     target: Callable[[dict], str]  # what it learns to write; also the reference its answers are checked against
     scorer: Scorer
+    max_new_tokens: int  # generation limit: above the longest reference answer (in SmolLM2/Llama tokens)
+    data: tuple[str, Optional[str]]  # the hub dataset (id, configuration) when --data is not given
+    stop: tuple[str, ...] = ()  # text that ends an answer besides EOS (one-line answers: a line break)
     aliases: dict[str, str] = field(default_factory=dict)  # other datasets' names for the fields
+    metrics: tuple[str, ...] = ()  # test metrics beside accuracy (:data:`EXTRA_METRICS`)
 
     def check(self, dataset, name: str):
         """``dataset`` with aliased fields renamed; a clear error when a field is missing."""
@@ -55,16 +65,21 @@ def _alpaca_prompt(row: dict) -> str:
 FORMATS = {
     "gsm8k": Format(
         ("question", "answer"),
-        lambda r: f"Question: {r['question']}\nAnswer:\n",
+        lambda r: "Solve the math word problem step by step. End with a line '#### <number>' that gives the final "
+        f"answer.\n\nQuestion: {r['question']}\nAnswer:\n",
         # calculator annotations (<<48/2=24>>) are not prose; they never change the final number
         lambda r: re.sub(r"<<[^<>]*>>", "", r["answer"]),
         SCORERS["gsm8k"],
+        max_new_tokens=384,  # GSM8K train answers: 342 tokens at most, 221 at the 99th percentile
+        data=("openai/gsm8k", "main"),
     ),
     "metamath": Format(
         ("query", "response"),
         lambda r: f"Solve the problem step by step.\n\n### Problem:\n{r['query']}\n\n### Solution:\n",
         lambda r: r["response"],
         SCORERS["math"],
+        max_new_tokens=768,
+        data=("meta-math/MetaMathQA", None),
         aliases={"problem": "query", "solution": "response"},  # the MATH test set's fields
     ),
     "viggo": Format(
@@ -75,15 +90,26 @@ FORMATS = {
         ),
         lambda r: r["meaning_representation"],
         SCORERS["mr"],
+        max_new_tokens=128,  # ViGGO train: 79 tokens at most
+        data=("GEM/viggo", None),
+        stop=("\n",),
+        metrics=("slot_f1",),
     ),
     "sql": Format(
         ("question", "context", "answer"),
         lambda r: f"Write one SQL query that answers the question.\n\n### Tables:\n{r['context']}\n\n### Question:\n{r['question']}\n\n### SQL:\n",
         lambda r: r["answer"],
         SCORERS["sql"],
+        max_new_tokens=128,  # the WikiSQL rows: 92 tokens at most
+        data=("b-mc2/sql-create-context", None),
+        stop=("\n",),
     ),
-    "alpaca": Format(("instruction", "input", "output"), _alpaca_prompt, lambda r: r["output"], SCORERS["text"]),
+    "alpaca": Format(("instruction", "input", "output"), _alpaca_prompt, lambda r: r["output"], SCORERS["text"],
+                     max_new_tokens=512, data=("tatsu-lab/alpaca", None)),
 }
+# Test metrics beyond accuracy: name → (predictions, references) → value.
+EXTRA_METRICS: dict[str, Callable[[list[str], list[str]], float]] = {"slot_f1": slot_f1}
+CARVE_SEED = 0  # validation and test rows carved from train: the same for every run
 
 
 # -- data -----------------------------------------------------------------------------------------------
@@ -116,15 +142,18 @@ def _only_split(raw, name: str):
     raise ValueError(f"{name} has splits {list(raw)} and none is called 'test'")
 
 
-def _carve(dataset, n: int, seed: int, what: str):
+def _carve(dataset, n: int, what: str):
     if not 0 < n < len(dataset):
         raise ValueError(f"{what}: {n} rows must be between 1 and {len(dataset) - 1} (train has {len(dataset)} rows)")
-    parts = dataset.train_test_split(test_size=n, seed=seed)
+    parts = dataset.train_test_split(test_size=n, seed=CARVE_SEED)
     return parts["train"], parts["test"]
 
 
-def make_splits(raw, fmt: Format, seed: int, eval_raw=None, eval_samples=None, validation_size=None, max_train_samples=None):
-    """``train``, ``validation`` and ``test`` (module docstring); all rows in ``fmt``'s fields."""
+def make_splits(raw, fmt: Format, eval_raw=None, eval_samples=None, validation_size=None, max_train_samples=None,
+                validation_samples=None):
+    """``train``, ``validation`` and ``test`` (module docstring); all rows in ``fmt``'s fields. Rows carved from
+    train (test first, then validation) are the same for every call; ``validation_samples`` caps the validation
+    split to a fixed random subset, ``eval_samples`` the test split to its first rows."""
     if "train" not in raw:
         raise ValueError(f"the data needs a 'train' split; it has {list(raw)}")
     train = raw["train"]
@@ -133,14 +162,16 @@ def make_splits(raw, fmt: Format, seed: int, eval_raw=None, eval_samples=None, v
     elif "test" in raw:
         test = raw["test"]
     else:
-        train, test = _carve(train, eval_samples or min(500, len(train) // 10), seed, "test hold-out (--eval-samples)")
+        train, test = _carve(train, eval_samples or min(500, len(train) // 10), "test hold-out (--eval-samples)")
     if eval_samples is not None:
         test = test.select(range(min(eval_samples, len(test))))
     if "validation" in raw:
         validation = raw["validation"]
     else:
         size = validation_size or max(1, min(200, len(train) // 20))
-        train, validation = _carve(train, size, seed, "validation (--validation-size)")
+        train, validation = _carve(train, size, "validation (--validation-size)")
+    if validation_samples is not None and validation_samples < len(validation):
+        validation = validation.shuffle(seed=CARVE_SEED).select(range(validation_samples))
     if max_train_samples is not None:
         train = train.select(range(min(max_train_samples, len(train))))
     splits = {name: fmt.check(split, name) for name, split in [("train", train), ("validation", validation), ("test", test)]}
@@ -151,17 +182,28 @@ def make_splits(raw, fmt: Format, seed: int, eval_raw=None, eval_samples=None, v
     return splits
 
 
+def prompt_text(fmt: Format, row: dict, tokenizer=None) -> str:
+    """The text the model continues: ``fmt``'s prompt, as one user turn of ``tokenizer``'s chat template when a
+    tokenizer is given (``None``: the plain prompt)."""
+    if tokenizer is None:
+        return fmt.prompt(row)
+    return tokenizer.apply_chat_template([{"role": "user", "content": fmt.prompt(row)}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 def _rows(batch: dict) -> list[dict]:
     return [dict(zip(batch, values)) for values in zip(*batch.values())]
 
 
-def tokenize(dataset, tokenizer, fmt: Format, max_length: int):
+def tokenize(dataset, tokenizer, fmt: Format, max_length: int, chat: bool = False):
     """``input_ids`` = prompt + answer + EOS, cut at ``max_length``; ``labels`` the same with the prompt
-    masked (-100). Rows whose prompt fills ``max_length`` (no answer token left) are dropped."""
+    masked (-100). Rows whose prompt fills ``max_length`` (no answer token left) are dropped. ``chat``: prompts
+    in the tokenizer's chat template (:func:`prompt_text`), which already holds the special tokens it needs."""
 
     def encode(batch):
         rows = _rows(batch)
-        prompts = tokenizer([fmt.prompt(r) for r in rows])["input_ids"]
+        texts = [prompt_text(fmt, r, tokenizer if chat else None) for r in rows]
+        prompts = tokenizer(texts, add_special_tokens=not chat)["input_ids"]
         answers = tokenizer([fmt.target(r) for r in rows], add_special_tokens=False)["input_ids"]
         out = {"input_ids": [], "attention_mask": [], "labels": []}
         for prompt, answer in zip(prompts, answers):
@@ -183,9 +225,11 @@ def tokenize(dataset, tokenizer, fmt: Format, max_length: int):
 
 
 # -- generation -----------------------------------------------------------------------------------------
-def generate(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_tokens: int, accelerator=None) -> list[str]:
-    """Greedy continuations of ``prompts``, in order. Under several processes each generates its share
-    and all get the whole list back."""
+def generate(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_tokens: int, accelerator=None,
+             stop: tuple[str, ...] = (), add_special_tokens: bool = True) -> list[str]:
+    """Greedy continuations of ``prompts``, in order, each ending at EOS, at a ``stop`` string (cut off, not
+    kept) or after ``max_new_tokens``. Under several processes each generates its share and all get the whole
+    list back."""
     import torch
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
@@ -204,25 +248,35 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_t
     for start in tqdm(range(0, len(mine), batch_size), desc="generating", disable=shared and not accelerator.is_main_process):
         # token ids and attention mask only: causal LMs' generate rejects the token_type_ids some tokenizers emit
         batch = tokenizer([prompts[i] for i in mine[start : start + batch_size]], return_tensors="pt", padding=True,
-                          return_token_type_ids=False).to(device)  # fmt: skip
+                          return_token_type_ids=False, add_special_tokens=add_special_tokens).to(device)  # fmt: skip
         with torch.no_grad():
             output = model.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                **({"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}),
             )
-        texts += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        texts += [_cut(text, stop) for text in
+                  tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)]
     pairs = list(zip(mine, texts))
     result = dict(gather_object(pairs) if shared else pairs)
     return [result[i] for i in range(len(prompts))]
 
 
-def score(fmt: Format, rows, predictions: list[str]) -> tuple[dict, list[dict]]:
-    """Accuracy over ``rows`` and one record per row (prompt, prediction, gold, extracted answers, correct)."""
+def _cut(text: str, stop: tuple[str, ...]) -> str:
+    """``text`` up to the first ``stop`` string in it."""
+    ends = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return text[: min(ends)] if ends else text
+
+
+def score(fmt: Format, rows, predictions: list[str], prompts: Optional[list[str]] = None) -> tuple[dict, list[dict]]:
+    """Accuracy (and ``fmt.metrics``) over ``rows`` and one record per row (the prompt as the model saw it,
+    prediction, gold, extracted answers, correct)."""
     records = []
-    for row, prediction in zip(rows, predictions):
+    prompts = prompts or [fmt.prompt(row) for row in rows]
+    for row, prediction, prompt in zip(rows, predictions, prompts):
         gold = fmt.target(row)
         records.append(
             {
-                "prompt": fmt.prompt(row),
+                "prompt": prompt,
                 "prediction": prediction,
                 "gold": gold,
                 "answer": _jsonable(fmt.scorer.extract(prediction)),
@@ -231,7 +285,10 @@ def score(fmt: Format, rows, predictions: list[str]) -> tuple[dict, list[dict]]:
             }
         )
     n = len(records)
-    return {"accuracy": sum(r["correct"] for r in records) / n if n else 0.0, "n": n}, records
+    metrics = {"accuracy": sum(r["correct"] for r in records) / n if n else 0.0, "n": n}
+    for name in fmt.metrics:
+        metrics[name] = EXTRA_METRICS[name]([r["prediction"] for r in records], [r["gold"] for r in records])
+    return metrics, records
 
 
 def _jsonable(answer):
@@ -245,26 +302,45 @@ def write_predictions(path: str, records: list[dict]) -> None:
 
 
 # -- c3a sft --------------------------------------------------------------------------------------------
-def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
-    from c3a.experiments.train import add_method_arguments, add_training_arguments
+SETTING = "causal-lm"  # the registry's defaults for instruction tuning (:meth:`Method.defaults`)
+PROMPT_STYLES = ("auto", "chat", "plain")
 
-    parser.add_argument("--model", required=True, help="hub id or local folder of a causal language model")
-    parser.add_argument("--data", required=True, help="hub dataset id, local dataset folder, or a JSON/JSONL/CSV/Parquet file")
-    parser.add_argument("--data-config", help="the hub dataset's configuration (e.g. 'main' for openai/gsm8k)")
+
+def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `c3a sft` that `c3a sft-suite` passes on to every cell."""
+    from c3a.experiments.train import add_method_arguments, add_training_arguments
+    from c3a.paper_models import MODEL_SHORTCUTS
+
+    parser.add_argument("--model", required=True,
+                        help=f"hub id or local folder of a causal language model, or a shortcut: {', '.join(MODEL_SHORTCUTS)}")
+    parser.add_argument("--prompt-style", choices=PROMPT_STYLES, default="auto",
+                        help="chat: each prompt as a user turn of the tokenizer's chat template; plain: the prompt "
+                        "text alone; auto (default): chat when the tokenizer has a template")
+    add_method_arguments(parser)
+    add_training_arguments(parser, epochs=1, batch_size=8, head=False, seed=False)
+    data = parser.add_argument_group("data and evaluation")
+    data.add_argument("--max-length", type=positive_int, default=1024, help="tokens per training example (prompt + answer), longer ones are cut (default 1024)")
+    data.add_argument("--max-train-samples", type=positive_int, help="train on at most this many rows (default: all)")
+    data.add_argument("--validation-size", type=positive_int, help="rows carved from train for validation when there is no validation split (default: 5%%, at most 200)")
+    data.add_argument("--validation-samples", type=positive_int, default=200, help="validation loss over at most this many rows, a fixed random subset (default 200)")
+    data.add_argument("--eval-samples", type=positive_int, help="score at most this many test rows; the hold-out size when there is no test split (default: all; hold-out 10%%, at most 500)")
+    data.add_argument("--eval-batch-size", type=positive_int, default=32, help="rows per batch for the validation loss and for generation (default 32)")
+    data.add_argument("--max-new-tokens", type=positive_int, help="generation length limit per answer (default: the format's, above its longest reference)")
+
+
+def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", required=True, choices=list(FORMATS), help="prompt template, fields and answer check")
+    parser.add_argument("--data", help="hub dataset id, local dataset folder, or a JSON/JSONL/CSV/Parquet file (default: the format's hub dataset)")
+    parser.add_argument("--data-config", help="the hub dataset's configuration (e.g. 'main' for openai/gsm8k)")
     parser.add_argument("--eval-data", help="evaluate on this dataset instead (its test split, else its only split), e.g. MATH after MetaMathQA")
     parser.add_argument("--eval-data-config")
     parser.add_argument("--method", required=True, choices=list(METHODS))
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--out", help="output folder (default: c3a-sft/<format>/<method>/seed<seed>)")
-    add_method_arguments(parser)
-    add_training_arguments(parser, epochs=1, batch_size=4, head=False)
-    data = parser.add_argument_group("data and evaluation")
-    data.add_argument("--max-length", type=positive_int, default=1024, help="tokens per training example (prompt + answer), longer ones are cut")
-    data.add_argument("--max-train-samples", type=positive_int, help="train on at most this many rows")
-    data.add_argument("--validation-size", type=positive_int, help="rows carved from train for the validation loss when there is no validation split (default: 5%%, at most 200)")
-    data.add_argument("--eval-samples", type=positive_int, help="score at most this many test rows; the hold-out size when there is no test split (default: all; hold-out 10%%, at most 500)")
-    data.add_argument("--max-new-tokens", type=positive_int, default=512, help="generation length limit per answer")
-    parser.epilog = "--bf16 also loads the model's weights in bfloat16 (C³A kernels and PEFT's LoRA weights stay fp32)."
+    add_shared_arguments(parser)
+    parser.epilog = ("Defaults follow the registry's causal-LM setting: LoRA r=32, α=64, dropout 0.05; C³A block sizes "
+                     "'auto' within LoRA r=16's parameters (at most half of LoRA r=32's), kernels starting at zero. "
+                     "--bf16 also loads the model's weights in bfloat16 (C³A kernels and PEFT's LoRA weights stay fp32).")
 
 
 def _load_model(name: str, bf16: bool):
@@ -281,6 +357,12 @@ def _load_model(name: str, bf16: bool):
     return tokenizer, model
 
 
+def _chat(style: str, tokenizer, model_name: str) -> bool:
+    if style == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"--prompt-style chat: {model_name}'s tokenizer has no chat template")
+    return style == "chat" or (style == "auto" and bool(getattr(tokenizer, "chat_template", None)))
+
+
 def run_sft(args: argparse.Namespace) -> int:
     from transformers import DataCollatorForSeq2Seq, set_seed
 
@@ -291,31 +373,36 @@ def run_sft(args: argparse.Namespace) -> int:
     from c3a.paper_models import resolve_model
 
     fmt = FORMATS[args.format]
+    method = METHODS[args.method]
     out = args.out or os.path.join("c3a-sft", args.format, args.method, f"seed{args.seed}")
+    max_new_tokens = args.max_new_tokens or fmt.max_new_tokens
     set_seed(args.seed)  # before the model: adapters are initialised from it
+    data, data_config = (args.data, args.data_config) if args.data else fmt.data
     eval_raw = load_source(args.eval_data, args.eval_data_config) if args.eval_data else None
-    splits = make_splits(
-        load_source(args.data, args.data_config), fmt, args.seed, eval_raw, args.eval_samples, args.validation_size, args.max_train_samples
-    )
+    splits = make_splits(load_source(data, data_config), fmt, eval_raw, args.eval_samples, args.validation_size,
+                         args.max_train_samples, args.validation_samples)  # fmt: skip
     tokenizer, model = _load_model(resolve_model(args.model), args.bf16)
+    chat = _chat(args.prompt_style, tokenizer, args.model)
     model = name_as_given(model, args.model)
-    model = build_method(model, args.method, method_options(args, head=[]))  # the LM head is pretrained: no task head
-    if trainable_parameters(model) == 0:  # e.g. bitfit on a model without biases (Llama)
+    model = build_method(model, args.method, method_options(args, [], SETTING))  # the LM head is pretrained: no task head
+    if method.trains and trainable_parameters(model) == 0:  # e.g. bitfit on a model without biases (Llama)
         raise ValueError(f"method {args.method!r} leaves no trainable parameter in {args.model}")
     tokenizer.padding_side = "right"
-    data = {name: tokenize(splits[name], tokenizer, fmt, args.max_length) for name in ("train", "validation")}
+    encoded = {name: tokenize(splits[name], tokenizer, fmt, args.max_length, chat) for name in ("train", "validation")}
 
     config = train_config(
         args,
         os.path.join(out, "trainer"),
+        SETTING,
         logging_strategy="steps",
         logging_steps=0.01,  # a fraction of all steps: a 100-point loss curve
         **_group_by_length(),
     )
+    config.eval_batch_size = args.eval_batch_size
     result = fit(
         model,
-        data["train"],
-        data["validation"],
+        encoded["train"],
+        encoded["validation"],
         config=config,
         head=[],
         metric="loss",
@@ -328,21 +415,22 @@ def run_sft(args: argparse.Namespace) -> int:
     accelerator = result.trainer.accelerator
     start = time.perf_counter()
     test = splits["test"]
-    prompts = [fmt.prompt(row) for row in test]
-    predictions = generate(
-        model, tokenizer, prompts, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, accelerator=accelerator
-    )
-    metrics, records = score(fmt, test, predictions)
+    prompts = [prompt_text(fmt, row, tokenizer if chat else None) for row in test]
+    predictions = generate(model, tokenizer, prompts, batch_size=args.eval_batch_size, max_new_tokens=max_new_tokens,
+                           accelerator=accelerator, stop=fmt.stop, add_special_tokens=not chat)  # fmt: skip
+    metrics, records = score(fmt, test, predictions, prompts)
     eval_seconds = time.perf_counter() - start
     if result.trainer.is_world_process_zero():
         write_predictions(os.path.join(out, "predictions.jsonl"), records)
         results = results_record(
             args, result, task=args.format, main_metric="accuracy", trainable_params=trainable_parameters(model),
             test=metrics,  # generation accuracy on the held-out split, under the key the shared report reads
-            samples={"train": len(data["train"]), "validation": len(data["validation"]), "test": len(test)},
-            config=dict(lr=config.lr, weight_decay=config.weight_decay, out=out),
+            samples={"train": len(encoded["train"]), "validation": len(encoded["validation"]), "test": len(test)},
+            config=dict(lr=config.lr, weight_decay=config.weight_decay, out=out, prompt_style="chat" if chat else "plain",
+                        max_new_tokens=max_new_tokens, data=data, data_config=data_config),
+            select={"metric": "loss", "greater_is_better": False},  # what chooses epochs and grid points
             eval=metrics,  # the same, as the issue's schema names it
-            data=args.data, eval_data=args.eval_data, eval_seconds=eval_seconds,
+            data=data, eval_data=args.eval_data, eval_seconds=eval_seconds,
         )
         write_results(os.path.join(out, "results.json"), results)
         print(
@@ -362,3 +450,30 @@ def _group_by_length() -> dict:
 
     names = {f.name for f in fields(TrainingArguments)}
     return {"train_sampling_strategy": "group_by_length"} if "train_sampling_strategy" in names else {"group_by_length": True}
+
+
+# -- c3a sft-suite --------------------------------------------------------------------------------------
+FORMAT_TITLES = {"gsm8k": "GSM8K", "metamath": "MATH", "viggo": "ViGGO", "sql": "SQL", "alpaca": "Alpaca"}
+
+
+def _experiment():
+    from c3a.experiments.suite import Experiment
+
+    return Experiment("sft", "Instruction tuning", {name: FORMAT_TITLES[name] for name in FORMATS}, "--format",
+                      add_sft_arguments, add_shared_arguments, default_methods=("none", "lora", "c3a"),
+                      setting=SETTING, selects_by_loss=True,
+                      extra_columns={"ViGGO slot F1": ("viggo", "slot_f1")})  # fmt: skip
+
+
+def add_sft_suite_arguments(parser: argparse.ArgumentParser) -> None:
+    from c3a.experiments.suite import add_suite_arguments
+
+    add_suite_arguments(parser, _experiment())
+    parser.epilog = ("Each format's data comes from its hub dataset unless a --task-options entry names it, e.g. "
+                     "viggo:data=viggo/train.jsonl:eval-data=viggo/validation.jsonl.")
+
+
+def run_sft_suite(args: argparse.Namespace) -> int:
+    from c3a.experiments.suite import run_suite
+
+    return run_suite(args, _experiment())

@@ -28,16 +28,42 @@ class MethodOptions:
     init_weights: object = "xavier_uniform"  # C³A kernel init
 
 
+Grid = tuple[tuple[str, tuple[str, ...]], ...]  # (command-line option, values) pairs
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """A method's defaults in one kind of experiment."""
+
+    lr: float  # learning rate of the method's own parameters
+    weight_decay: float = 0.0
+    grid: Grid = ()  # what a suite row that sets no lr chooses from on validation: (option, values)
+    options: tuple[tuple[str, object], ...] = ()  # MethodOptions fields the setting changes, e.g. (("rank", 32),)
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
     build: Callable[[nn.Module, MethodOptions], nn.Module]
-    lr: float  # default learning rate for the method's own parameters
+    lr: float  # default learning rate for the method's own parameters (sequence classification, `c3a glue`)
     weight_decay: float
     summary: str
     head_lr: Optional[float] = None  # default learning rate for the task head; None: the same as lr
     # default grid of a suite row that sets no lr: (`c3a glue` option, values), chosen per task on validation
-    grid: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    grid: Grid = ()
+    causal_lm: Optional[Defaults] = None  # instruction tuning a causal LM (`c3a sft`), where it differs
+    trains: bool = True  # False: the model is evaluated as built (the untuned floor)
+
+    def defaults(self, setting: str = "classification") -> Defaults:
+        """The defaults of ``setting``: ``"classification"`` (the fields above) or ``"causal-lm"``."""
+        if setting not in SETTINGS:
+            raise ValueError(f"unknown setting {setting!r}; choose from {', '.join(SETTINGS)}")
+        if setting == "causal-lm" and self.causal_lm is not None:
+            return self.causal_lm
+        return Defaults(self.lr, self.weight_decay, self.grid)
+
+
+SETTINGS = ("classification", "causal-lm")
 
 
 def default_targets(model: nn.Module) -> list[str]:
@@ -148,32 +174,45 @@ def _full(model, opts):
     return _set_trainable(model, lambda n: True)
 
 
+def _none(model, opts):
+    return _set_trainable(model, lambda n: False)
+
+
 def _grid(option: str, *values: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return ((option, values),)
 
 
 # Learning rates: `grid` is what a suite row without lr chooses from on validation, `lr` the single-run default.
-# Both come from measurements in docs/results.md: the grids from a probe (all-MiniLM-L6-v2, SST-2, 2,000 rows,
-# 2 epochs = 125 steps, head lr 4e-3): each method's best there and the two values below it on the ×3 ladder. The
-# single-run `lr` is the grid value whose worst loss against the best value, over four settings (that probe;
-# full-data SST-2 at 3 epochs, MRPC and CoLA at 10), is smallest: the middle for every adapter (LoRA's and VeRA's
-# top collapsed to the majority class on MRPC and CoLA, C³A's trailed by up to 23 points), the top for `head` and
-# `full`.
+# Sequence classification (the fields of each entry) comes from measurements in docs/results.md: the grids from a
+# probe (all-MiniLM-L6-v2, SST-2, 2,000 rows, 2 epochs = 125 steps, head lr 4e-3): each method's best there and the
+# two values below it on the ×3 ladder. The single-run `lr` is the grid value whose worst loss against the best
+# value, over four settings (that probe; full-data SST-2 at 3 epochs, MRPC and CoLA at 10), is smallest: the middle
+# for every adapter (LoRA's and VeRA's top collapsed to the majority class on MRPC and CoLA, C³A's trailed by up
+# to 23 points), the top for `head` and `full`.
 # The task head trains at 4e-3 for every method, so heads are treated alike; `head` alone tunes the head's rate.
 HEAD_LR = 4e-3
+# Instruction tuning a causal LM (`causal_lm`): the paper's Table-3 setting. LoRA r=32 with dropout 0.05 and
+# α = 2r; C³A at most half of that LoRA's parameters (per layer within LoRA r=16's r·(d_in+d_out)), its kernels
+# starting at zero so that both start from the pretrained model. The learning rates are those chosen on
+# validation in the Table-3 run of docs/results.md (SmolLM2-135M-Instruct).
+CAUSAL_LM_C3A = Defaults(0.1, 0.0, _grid("lr", "0.03", "0.1", "0.3"), (("rank", 16), ("init_weights", "zeros")))
+CAUSAL_LM_LORA = Defaults(3e-4, 0.0, _grid("lr", "1e-4", "3e-4", "1e-3"), (("rank", 32), ("dropout", 0.05)))
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("c3a", _peft(_c3a), 0.3, 1e-4, "C³A block-circulant adapter (this library)", HEAD_LR, _grid("lr", "0.1", "0.3", "1")),
-        Method("lora", _peft(_lora), 1e-3, 0.0, "LoRA (PEFT)", HEAD_LR, _grid("lr", "3e-4", "1e-3", "3e-3")),
+        Method("c3a", _peft(_c3a), 0.3, 1e-4, "C³A block-circulant adapter (this library)", HEAD_LR,
+               _grid("lr", "0.1", "0.3", "1"), CAUSAL_LM_C3A),
+        Method("lora", _peft(_lora), 1e-3, 0.0, "LoRA (PEFT)", HEAD_LR, _grid("lr", "3e-4", "1e-3", "3e-3"),
+               CAUSAL_LM_LORA),
         Method("vera", _peft(_vera), 3e-2, 0.0, "VeRA (PEFT)", HEAD_LR, _grid("lr", "1e-2", "3e-2", "1e-1")),
         Method("boft", _peft(_boft), 3e-4, 0.0, "BOFT (PEFT; not probed)", HEAD_LR),
         Method("ia3", _peft(_ia3), 3e-2, 0.0, "(IA)³ (PEFT)", HEAD_LR, _grid("lr", "1e-2", "3e-2", "1e-1")),
         Method("peft-c3a", _peft(_peft_c3a, reference=True), 0.3, 1e-4, "PEFT's C3A tuner (reference implementation)",
-               HEAD_LR, _grid("lr", "0.1", "0.3", "1")),
+               HEAD_LR, _grid("lr", "0.1", "0.3", "1"), CAUSAL_LM_C3A),
         Method("bitfit", _bitfit, 1e-3, 0.0, "BitFit: biases only", HEAD_LR, _grid("lr", "3e-4", "1e-3", "3e-3")),
         Method("head", _head, 1e-2, 0.0, "the task head only", 1e-2, _grid("head-lr", "1e-3", "3e-3", "1e-2")),
         Method("full", _full, 1e-4, 0.01, "full fine-tuning", HEAD_LR, _grid("lr", "1e-5", "3e-5", "1e-4")),
+        Method("none", _none, 0.0, 0.0, "the pretrained model as it is, nothing trained (the floor)", trains=False),
     ]
 }
 

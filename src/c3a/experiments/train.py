@@ -212,7 +212,10 @@ def fit(
     trainer.model_accepts_loss_kwargs = False
     with PeakMemory() as memory:
         start = time.perf_counter()
-        trainer.train()
+        if any(p.requires_grad for p in model.parameters()):
+            trainer.train()
+        else:  # a method that trains nothing (the untuned floor): its validation score as it is
+            trainer.evaluate()
         seconds = time.perf_counter() - start
     history: dict[float, dict] = {}  # the Trainer logs training loss and validation metrics separately
     for log in trainer.state.log_history:
@@ -281,10 +284,12 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
                        help="C³A kernel init (default xavier_uniform, PEFT's); zeros: ΔW starts at 0, as LoRA's does")
 
 
-def method_options(args: argparse.Namespace, head: list[str]) -> MethodOptions:
+def method_options(args: argparse.Namespace, head: list[str], setting: str = "classification") -> MethodOptions:
+    """The options given on the command line, else ``args.method``'s defaults in ``setting``, else MethodOptions'."""
     given = {"targets": args.targets, "block_size": args.block_size, "rank": args.rank, "alpha": args.alpha,
              "dropout": args.dropout, "init_weights": args.init_weights}
-    return MethodOptions(head=head, **{k: v for k, v in given.items() if v is not None})
+    defaults = dict(METHODS[args.method].defaults(setting).options)
+    return MethodOptions(head=head, **{**defaults, **{k: v for k, v in given.items() if v is not None}})
 
 
 def add_training_arguments(
@@ -309,10 +314,12 @@ def add_training_arguments(
         group.add_argument("--seed", type=nonnegative_int, default=0)
 
 
-def train_config(args: argparse.Namespace, output_dir: str, **training_args) -> TrainConfig:
-    """:class:`TrainConfig` from :func:`add_training_arguments`' options and ``args.method``'s defaults."""
+def train_config(args: argparse.Namespace, output_dir: str, setting: str = "classification", **training_args) -> TrainConfig:
+    """:class:`TrainConfig` from :func:`add_training_arguments`' options and ``args.method``'s defaults in
+    ``setting`` (:meth:`Method.defaults`)."""
     method = METHODS[args.method]
-    lr = args.lr if args.lr is not None else method.lr
+    defaults = method.defaults(setting)
+    lr = args.lr if args.lr is not None else defaults.lr
     head_lr = getattr(args, "head_lr", None)
     extra = {"gradient_accumulation_steps": args.grad_accum, "bf16": args.bf16}
     if args.max_steps:
@@ -326,7 +333,7 @@ def train_config(args: argparse.Namespace, output_dir: str, **training_args) -> 
         output_dir=output_dir,
         lr=lr,
         head_lr=head_lr if head_lr is not None else (method.head_lr or lr),
-        weight_decay=args.weight_decay if args.weight_decay is not None else method.weight_decay,
+        weight_decay=args.weight_decay if args.weight_decay is not None else defaults.weight_decay,
         epochs=args.epochs,
         batch_size=args.batch_size,
         warmup_ratio=args.warmup_ratio,
