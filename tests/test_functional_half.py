@@ -3,13 +3,14 @@
 Tolerances, from the arithmetic (normwise, ‖err‖_F ≤ tol·‖ref‖_F). The path is a chain of GEMMs with operands
 rounded to the half format (unit roundoff u: bf16 2^-8, fp16 2^-11) and fp32 accumulation. Each rounding of a
 tensor is a relative perturbation ≤ u of it, in norm; it reaches the result through the rest of the chain, a
-linear map that changes norms by at most κ: the transforms are R/√b, orthogonal up to the DC/Nyquist rows
-(κ ≤ √2), and for the i.i.d. Gaussian data used here a random (k×q) block changes the norm of a product by at
+linear map that changes norms by at most κ: the transforms are R/b and 2R, scaled copies of R, orthogonal up to
+the DC/Nyquist rows (κ ≤ √2; fp16 stores R/√b, all normal numbers, and applies the rest as the GEMMs' alpha in
+fp32), and for the i.i.d. Gaussian data used here a random (k×q) block changes the norm of a product by at
 most 1 + √(k/q) ≤ 2 (square blocks, Marchenko–Pastur edge). Roundings counted:
   forward  6: R (twice), the input spectrum, the mixing blocks, the mixed spectrum, the output;
   grad x   6: the same chain run backwards from the (rounded) output gradient;
   grad k   5: R and the spectrum for each of x and the output gradient, and the GEMM output, which on CPU is
-              rounded to the half format before widening to fp32.
+              rounded to bf16 before widening to fp32 (fp16's is formed in fp32).
 So tol = count·2√2·u, plus the fp32 accumulation, L·2^-24 for a reduction of length L ≤ max(b, tokens, n·b)
 (≤ 2^-14 here, kept for honesty). This is first-order and worst-case in each stage: measured errors are about
 1·u (independent roundings partly cancel), so the tests have room across BLAS libraries and CPUs yet fail for
@@ -85,6 +86,44 @@ def test_dft_path_matches_dense_reference(dtype, shape, lead):
     assert y.dtype == dtype and gx.dtype == dtype and gk.dtype == torch.float32 and y.shape == (*lead, m * b)
     ref, ref_gx, (ref_gk,) = _reference(result, x, [kernel], grad)
     tokens = math.prod(lead)
+    assert _rel_err(y, ref) <= _tol(dtype, "forward", n * b)
+    assert _rel_err(gx, ref_gx) <= _tol(dtype, "grad_x", m * b)
+    assert _rel_err(gk, ref_gk) <= _tol(dtype, "grad_k", max(b, tokens))
+
+
+# Every b up to the largest the dispatch sends to the DFT path (1024, CUDA; forced here on CPU), m ≠ n where cheap.
+LARGE_SHAPES = [(3, 2, 2), (2, 3, 64), (2, 1, 256), (1, 1, 1024)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", LARGE_SHAPES, ids=lambda s: f"b{s[2]}")
+def test_large_coherent_inputs_stay_finite_and_accurate(dtype, shape):
+    """Inputs and output gradients of one sign near 4.8e4 (fp16's largest number is 65504): a block's DC is then
+    b times its entries, the largest a spectrum gets. Transforms R/√b both ways made it √b·4.8e4 > 65504 for every
+    b ≥ 2 (NaN outputs in fp16); the path must keep every intermediate within the data's size.
+
+    The kernel is positive, so nothing cancels in the dominant (DC) sums and the error analysis above holds as for
+    Gaussian data, and it is scaled to ‖ΔW‖_∞ = ‖ΔWᵀ‖_∞ ≤ 1/2, so the delta, the input gradient and every partial
+    sum fit fp16 with room: whatever overflows is the path's doing. The kernel gradient (≈ tokens·b·4.8e4², far
+    beyond fp16) is fp32, as the layer's kernels are.
+    """
+    m, n, b = shape
+    g = torch.Generator().manual_seed(b)
+    big, tokens = 4.8e4, 6
+
+    def coherent(d):  # big·(1 ± 5%): entries ≤ 5.04e4
+        return (big * (1 + 0.05 * (2 * torch.rand(tokens, d, generator=g) - 1))).to(dtype)
+
+    x, grad = coherent(n * b), coherent(m * b)
+    kernel = torch.rand(m, n, b, generator=g)
+    dense = circulant_matrix(kernel.double())
+    kernel = kernel * (0.5 / max(dense.sum(1).max(), dense.sum(0).max())).item()
+    result = torch.zeros(tokens, m * b, dtype=dtype)  # zero: the error of the delta alone
+    y, gx, (gk,) = _run(result, x, [kernel], grad, path="dft")
+    assert "_DftBlockCircularConvBackward" in _graph_nodes(y)
+    assert y.isfinite().all() and gx.isfinite().all() and gk.isfinite().all()
+    ref, ref_gx, (ref_gk,) = _reference(result, x, [kernel], grad)
+    assert ref.abs().max() < 2.6e4 and ref_gx.abs().max() < 2.6e4  # as designed: the results fit fp16
     assert _rel_err(y, ref) <= _tol(dtype, "forward", n * b)
     assert _rel_err(gx, ref_gx) <= _tol(dtype, "grad_x", m * b)
     assert _rel_err(gk, ref_gk) <= _tol(dtype, "grad_k", max(b, tokens))

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from c3a import C3ALinear, circulant_matrix
+from peft import get_peft_model
+
+from c3a import C3AConfig, C3ALinear, circulant_matrix
 
 
 def _layer(base: nn.Module, *adapters: tuple[str, int]) -> C3ALinear:
@@ -68,6 +70,32 @@ def test_bf16_base_any_kernel_dtype(kernel_dtype):
     ref = layer.base_layer(x).float() + x.float() @ (circulant_matrix(layer.c3a_kernel["a"].detach().float()) / 16).T
     # bf16 output: one rounding (2^-8 relative) of values of size ~|ref|, plus the bf16 base GEMM over 16 terms
     torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("block_size, size", [(256, 5000.0), (64, 2e4)])
+def test_fp16_model_with_large_inputs_stays_finite(block_size, size):
+    """The issue's example: an fp16 model whose frozen layer handles inputs this large (outputs up to ~3e4, within
+    fp16's 65504) gave all-NaN outputs once adapted, the DFT path's spectra overflowing. Now finite, and equal to
+    the dense delta added to the frozen fp16 output within the path's normwise bound: the delta's 6 roundings
+    (unit roundoff u = 2^-11), each through a chain of norm ≤ 2·‖ΔW‖₂ (transforms R/b and 2R, ‖R‖₂ = √b; the
+    mixing blocks' norm is ‖ΔW‖₂, ΔW being unitarily similar to them), plus the output's own rounding."""
+    torch.manual_seed(0)
+    model = get_peft_model(
+        nn.Sequential(nn.Linear(256, 256, bias=False)).half(), C3AConfig(block_size=block_size, target_modules=["0"])
+    )
+    layer = model.get_base_model()[0]
+    x = (size * (1 + 0.1 * torch.randn(8, 256))).half().requires_grad_()  # one sign: the spectra's worst case
+    with torch.no_grad():
+        frozen = layer.base_layer(x)
+    y = model(x)
+    assert frozen.isfinite().all() and y.isfinite().all()
+    delta_w = circulant_matrix(layer.c3a_kernel["default"].detach().double()) / 256
+    ref = frozen.double() + x.detach().double() @ delta_w.T
+    u = 2.0**-11
+    bound = 12 * u * torch.linalg.matrix_norm(delta_w, 2) * x.detach().double().norm() + u * ref.norm()
+    assert (y.double() - ref).norm() <= bound
+    y.backward(y.detach())  # output gradients as large as the outputs
+    assert x.grad.isfinite().all() and layer.c3a_kernel["default"].grad.isfinite().all()
 
 
 @pytest.mark.parametrize("init", ["xavier_uniform", "kaiming_uniform", "gaussian", "zeros", True, False])

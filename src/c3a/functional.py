@@ -15,7 +15,9 @@ Two ways to compute it:
   complex spectra, layout copies).
 - **DFT as GEMM** (half precision, even ``b`` up to :func:`dft_max_block`): the per-block real DFT is a dense
   ``b×b`` real matrix, so the whole operator is three GEMMs with half-precision operands and fp32
-  accumulation, no layout copy, the inverse accumulated straight into the frozen layer's output.
+  accumulation, no layout copy, the inverse accumulated straight into the frozen layer's output. Its
+  transforms are scaled so that no intermediate outgrows the data (fp16's range); what precision each dtype
+  gets is listed in :func:`add_block_circular_conv`.
 
 :func:`add_block_circular_conv` is the one entry point of the layer's unfolded path and picks between them.
 """
@@ -144,14 +146,32 @@ def block_circular_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 #
 # For even b the real spectrum of a block is b real numbers: Re X_s and Im X_s for the inner frequencies
 # s = 1 … S−1 (S = b/2), and the two real ones, DC and Nyquist, which share slot 0 (as its "re" and "im").
-# With the transform matrix R below, X̂ = R @ x_blockᵀ holds Re X_s in row s and Im X_s in row S + s. In slot s ≥ 1 the mixing Y_s = Σ_j conj(K_ij,s) X_j,s is,
-# with K = Kr + i·Ki and the blocks transposed (tokens are rows),
+# With the transform matrix R below, X = R @ x_blockᵀ holds Re X_s in row s and Im X_s in row S + s. In slot s ≥ 1
+# the mixing Y_s = Σ_j conj(K_ij,s) X_j,s is, with K = Kr + i·Ki and the blocks transposed (tokens are rows),
 #     Re Y = Re X · Krᵀ + Im X · Kiᵀ,        Im Y = Im X · Krᵀ − Re X · Kiᵀ;
-# in slot 0, DC and Nyquist are mixed by their own real blocks and do not interact. The inverse (irfft) is
-# R again, once its weights 1/b (DC, Nyquist) and 2/b (the others) are folded into the mixing blocks:
-#     y_c = Σ_s Re Y_s·(w_s cos θ) + Im Y_s·(−w_s sin θ),  θ = 2π s c / b.
-# Both transforms use R/√b (near-orthonormal: spectra keep the size of the data, which fp16's range needs;
-# the DFT sums b entries), so the blocks carry b·w_s: 1 for DC and Nyquist, 2 for the others.
+# in slot 0, DC and Nyquist are mixed by their own real blocks and do not interact. The inverse (irfft) is R again,
+# with weights w_s/b (w_s = 1 for DC and Nyquist, 2 for the others): y_c = Σ_s (w_s/b)(Re Y_s cos θ − Im Y_s sin θ),
+# θ = 2π s c / b.
+#
+# Scaling: every intermediate stays within the size of what it represents, whatever b (fp16's largest number,
+# 65504, is the constraint; bf16 has fp32's range). The forward transform is F = R/b, the inverse G = 2R:
+#   spectra   X̂ = F x = X/b: each entry at most max|x| (|R| ≤ 1, b terms);
+#   mixing    Ŷ = (w_s/2)·conj(K) X̂ = (w_s/2)·Y/b, the output delta's own spectrum over b, so |Ŷ| ≤ mean|y|;
+#             its diagonal term, rounded before the cross term is added, is at most ‖ΔW‖_∞·max|x|, the bound
+#             on the delta itself;
+#   inverse   y = Gᵀ Ŷ, accumulated into the frozen output (its rounding is the output's).
+# Sums inside a GEMM run in fp32; only each GEMM's output is rounded to the half format. (cuBLAS may reduce
+# split-K partial sums in fp16 unless torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction is off;
+# those of the inverse can reach √(2b)·max|y|, by Parseval.)
+# (R/√b both ways would let a spectrum reach √b·max|x| — the DC of a block of equal entries: fp16 overflowed at
+# b = 256 for inputs near 5000 that the frozen layer handled.) In fp16, F's entries would fall below its
+# normal range (2^-14) for large b, so there the matrix is R/√b (normal up to b = 1024, the largest the dispatch
+# sends here) and the remaining factors 1/√b and 2√b are the GEMMs' alpha, applied to the fp32 accumulator before
+# the output is rounded; other dtypes fold them into the matrices (on CPU an alpha ≠ 1 costs a pass).
+# The price in fp16: for incoherent data the spectra are ~1/√b of the entries, so they reach fp16's subnormals for
+# entries below ~2^-14·√b; those roundings are absolute, ≤ 2^-25 per spectrum entry, at most b·2^-24 on an output
+# entry (2^-14 at b = 1024; typically √b·2^-25). The backward pass runs the same chain on the output gradient; the
+# kernel gradient 2b·Σ_tokens X̂ ⊗ Ĝ is formed in fp32 (fp16's range cannot hold a sum over all tokens).
 #
 # Layout: R @ x2ᵀ gives X̂ as (2, S, T, n) — re/im outermost, so Re X̂ and Im X̂ are each a contiguous batch
 # of (T, n) matrices and every mixing GEMM reads and writes whole contiguous tensors (strided batch views
@@ -159,17 +179,29 @@ def block_circular_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 # operand that lands directly in the (T, m·b) layout of the layer's output. No permute copy anywhere.
 
 
-@functools.lru_cache(maxsize=32)
-def _real_dft_matrix(b: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``R`` of shape ``(b, b)``: row ``s`` is ``cos(2π s c / b)``, row ``S + s`` is ``−sin(2π s c / b)``,
-    except slot 0, whose rows are DC (all ones) and Nyquist ``(−1)^c``; returned divided by ``√b``.
-    Built in float64, then cast once."""
+@functools.lru_cache(maxsize=64)
+def _real_dft_matrix(b: int, dtype: torch.dtype, device: torch.device, scale: float) -> torch.Tensor:
+    """``scale·R`` of shape ``(b, b)``: row ``s`` of ``R`` is ``cos(2π s c / b)``, row ``S + s`` is
+    ``−sin(2π s c / b)``, except slot 0, whose rows are DC (all ones) and Nyquist ``(−1)^c``.
+    Built in float64, then rounded once."""
     s = torch.arange(b // 2, dtype=torch.int64)[:, None]
     c = torch.arange(b, dtype=torch.int64)[None, :]
     angle = (2 * math.pi / b) * ((s * c) % b).to(torch.float64)  # reduce s·c mod b first: exact angles
     cos, sin = torch.cos(angle), -torch.sin(angle)
     sin[0] = 1 - 2 * (c[0] % 2)  # Nyquist row shares slot 0 with DC
-    return (torch.cat([cos, sin]) / math.sqrt(b)).to(dtype=dtype, device=device)
+    return (torch.cat([cos, sin]) * scale).to(dtype=dtype, device=device)
+
+
+def _dft_transforms(b: int, dtype: torch.dtype, device: torch.device) -> tuple[tuple[torch.Tensor, float], ...]:
+    """``((F, α), (G, β))`` with ``α·F = R/b`` (forward) and ``β·G = 2R`` (inverse), the matrices in ``dtype``.
+
+    fp16: ``F = G = R/√b``, whose entries are normal fp16 numbers, and the rest in the alphas; other dtypes:
+    everything in the matrices, alphas 1."""
+    if dtype == torch.float16:
+        root = math.sqrt(b)
+        dft = _real_dft_matrix(b, dtype, device, 1 / root)
+        return (dft, 1 / root), (dft, 2 * root)
+    return (_real_dft_matrix(b, dtype, device, 1 / b), 1.0), (_real_dft_matrix(b, dtype, device, 2.0), 1.0)
 
 
 def _dft_mixing_blocks(kernel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,12 +209,12 @@ def _dft_mixing_blocks(kernel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     with differentiable ops (autograd carries their gradient back to the kernel).
 
     Returns ``w_diag`` ``(2, S, n, m)`` — the blocks acting re→re ([0]) and im→im ([1]) — and ``w_im``
-    ``(S, n, m)``, the cross blocks (``+w_im`` im→re, ``−w_im`` re→im; zero in slot 0). The inverse DFT's
-    weights times ``b`` (1 for DC and Nyquist, 2 otherwise: the transforms are ``R/√b`` both ways) are folded in.
+    ``(S, n, m)``, the cross blocks (``+w_im`` im→re, ``−w_im`` re→im; zero in slot 0). Each carries ``w_s/2``
+    of the inverse DFT's weight (1/2 for DC and Nyquist, 1 otherwise); the inverse transform ``2R`` has the rest.
     """
     b = kernel.shape[-1]
     S = b // 2
-    spec = rfft(kernel, dim=-1).permute(2, 1, 0) * 2  # (S + 1, n, m): blocks transposed, frequency first
+    spec = rfft(kernel, dim=-1).permute(2, 1, 0)  # (S + 1, n, m): blocks transposed, frequency first
     re, im = spec.real, spec.imag
     dc, nyquist = re[:1] / 2, re[S:] / 2
     w_diag = torch.stack([torch.cat([dc, re[1:S]]), torch.cat([nyquist, re[1:S]])])
@@ -190,10 +222,19 @@ def _dft_mixing_blocks(kernel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return w_diag, w_im
 
 
-def _to_slots(t2: torch.Tensor, dft: torch.Tensor, p: int) -> torch.Tensor:
-    """``(T, p·b)`` rows of blocks → their real spectra ``(2, S, T, p)``: one GEMM ``R @ blocksᵀ``."""
+def _gemm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``alpha·(a @ b)``, the scale applied to the fp32 accumulator before the output is rounded (no overflow of
+    the unscaled product)."""
+    if alpha == 1:
+        return torch.mm(a, b)
+    return torch.addmm(a.new_zeros(()), a, b, beta=0, alpha=alpha)
+
+
+def _to_slots(t2: torch.Tensor, transform: tuple[torch.Tensor, float], p: int) -> torch.Tensor:
+    """``(T, p·b)`` rows of blocks → their real spectra over b, ``(2, S, T, p)``: one GEMM ``(R/b) @ blocksᵀ``."""
+    dft, alpha = transform
     b = dft.shape[0]
-    return torch.mm(dft, t2.reshape(-1, b).to(dft.dtype).T).view(2, b // 2, -1, p)
+    return _gemm(dft, t2.reshape(-1, b).to(dft.dtype).T, alpha).view(2, b // 2, -1, p)
 
 
 def _mix_slots(spec: torch.Tensor, w_diag: torch.Tensor, w_im: torch.Tensor) -> torch.Tensor:
@@ -207,19 +248,22 @@ def _mix_slots(spec: torch.Tensor, w_diag: torch.Tensor, w_im: torch.Tensor) -> 
     return out
 
 
-def _from_slots(spec: torch.Tensor, dft: torch.Tensor) -> torch.Tensor:
-    """``(2, S, T, q)`` spectra as the ``(T·q, b)`` operand of the inverse GEMM ``· @ R`` (a transposed view)."""
-    return spec.view(dft.shape[0], -1).T
+def _from_slots(spec: torch.Tensor, b: int) -> torch.Tensor:
+    """``(2, S, T, q)`` spectra as the ``(T·q, b)`` operand of the inverse GEMM ``· @ G`` (a transposed view)."""
+    return spec.view(b, -1).T
 
 
 def _bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` batched, fp32 output: half-precision operands straight into an fp32 result where the backend
-    offers it (CUDA), else rounded once from the fp32 accumulator to the operands' dtype, then widened."""
+    offers it (CUDA); else bf16 is rounded once from the fp32 accumulator, then widened (bf16 has fp32's range),
+    and fp16 is computed from fp32 operands (fp16's range may not hold the result)."""
     if a.dtype in HALF_DTYPES and a.device.type == "cuda":
         try:
             return torch.bmm(a, b, out_dtype=torch.float32)
         except (TypeError, RuntimeError, NotImplementedError):  # torch without out_dtype
             pass
+    if a.dtype == torch.float16:
+        return torch.bmm(a.float(), b.float())
     return torch.bmm(a, b).float()
 
 
@@ -235,17 +279,18 @@ class _DftBlockCircularConv(torch.autograd.Function):
     def forward(ctx, result, x, w_diag, w_im, dtype, inplace):
         _, S, n, m = w_diag.shape
         b = 2 * S
-        dft = _real_dft_matrix(b, dtype, x.device)
+        transform, (inverse, alpha) = _dft_transforms(b, dtype, x.device)
         wd, wi = w_diag.to(dtype), w_im.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
-            mixed = _mix_slots(_to_slots(x.reshape(-1, n * b), dft, n), wd, wi)
-            delta_rows = _from_slots(mixed, dft)
+            mixed = _mix_slots(_to_slots(x.reshape(-1, n * b), transform, n), wd, wi)
+            delta_rows = _from_slots(mixed, b)
             if result.dtype != dtype:  # e.g. an fp32 frozen output: one add in its precision
-                out = torch.add(result, torch.mm(delta_rows, dft).view(result.shape)).to(result.dtype)
+                delta = _gemm(delta_rows, inverse, alpha)
+                out = torch.add(result, delta.view(result.shape)).to(result.dtype)
             else:  # the inverse GEMM accumulates into the output: no add pass
                 inplace = inplace and result.is_contiguous()
                 out = result if inplace else result.clone(memory_format=torch.contiguous_format)
-                out.view(-1, b).addmm_(delta_rows, dft)
+                out.view(-1, b).addmm_(delta_rows, inverse, alpha=alpha)
                 if inplace:
                     ctx.mark_dirty(result)
         ctx.save_for_backward(x, wd, wi)
@@ -258,20 +303,21 @@ class _DftBlockCircularConv(torch.autograd.Function):
         x, wd, wi = ctx.saved_tensors
         _, S, n, m = wd.shape
         b = 2 * S
-        dft = _real_dft_matrix(b, ctx.dtype, x.device)
+        transform, (inverse, alpha) = _dft_transforms(b, ctx.dtype, x.device)
         needs = ctx.needs_input_grad
         grad_x = grad_wd = grad_wi = None
         with torch.autocast(x.device.type, enabled=False):
-            g_spec = _to_slots(grad_out.reshape(-1, m * b), dft, m)  # (2, S, T, m)
+            g_spec = _to_slots(grad_out.reshape(-1, m * b), transform, m)  # (2, S, T, m), over b like the forward's
             if needs[1]:  # the adjoint: transposed blocks, cross term negated
                 gx_spec = _mix_slots(g_spec, wd.mT, -wi.mT)
-                grad_x = torch.mm(_from_slots(gx_spec, dft), dft).view(x.shape).to(x.dtype)
+                grad_x = _gemm(_from_slots(gx_spec, b), inverse, alpha).view(x.shape).to(x.dtype)
             if needs[2] or needs[3]:
-                spec = _to_slots(x.reshape(-1, n * b), dft, n)  # recomputed, not saved
+                spec = _to_slots(x.reshape(-1, n * b), transform, n)  # recomputed, not saved
                 T = spec.shape[2]
+                # ∂L/∂Ŷ = G g = 2R g = 2b·Ĝ: the factor applied in fp32 after the token sum (fresh tensors)
                 grad_wd = _bmm_fp32(spec.view(2 * S, T, n).mT, g_spec.view(2 * S, T, m)).view(2, S, n, m)
                 grad_wi = _bmm_fp32(spec[1].mT, g_spec[0]) - _bmm_fp32(spec[0].mT, g_spec[1])
-                grad_wd, grad_wi = grad_wd.to(ctx.block_dtype), grad_wi.to(ctx.block_dtype)
+                grad_wd, grad_wi = grad_wd.mul_(2 * b).to(ctx.block_dtype), grad_wi.mul_(2 * b).to(ctx.block_dtype)
         return grad_out if needs[0] else None, grad_x, grad_wd, grad_wi, None, None
 
 
@@ -330,6 +376,23 @@ def add_block_circular_conv(
             of it — for a caller that owns ``result``, as the layer owns its frozen output.
 
     Gradients (``result``, ``x``, every kernel) are exact to the compute precision on both paths.
+
+    Precision, by the dtype the call runs in (unit roundoff ``u``):
+
+    - fp32 / fp64: the FFT path in that precision (the layer folds the delta into the weight instead when that
+      is cheaper, :func:`block_circulant_linear`).
+    - bf16 (``u = 2^-8``) and fp16 (``u = 2^-11``), DFT path: operands (transform matrices, spectra, mixing
+      blocks) rounded to the format, every product accumulated in fp32, the kernel gradient's sum over tokens
+      returned in fp32 (rounded once to bf16 on CPU, where no GEMM writes fp32 from bf16). The delta's relative
+      error is a few ``u`` (normwise; the tests derive the bound), on top of the output's own rounding.
+      Whatever ``b``, no half-precision tensor it forms (each GEMM's output; sums run in fp32) exceeds
+      ``max|x|`` or the delta's worst-case size ``‖ΔW‖_∞·max|x|``
+      (backward: ``max|g|`` and ``‖ΔWᵀ‖_∞·max|g|`` for the output gradient ``g``), so fp16 cannot overflow
+      unless one of those exceeds its range (65504). Below fp16's normal range (2^-14) spectra round to
+      subnormals: an absolute error of at most ``b·2^-24`` per output entry.
+    - half precision, FFT path (odd ``b``, or ``b`` above :func:`dft_max_block`): computed in fp32, one rounding
+      of the delta to the output's dtype.
+    - ``exact_delta=True``: the delta entirely in fp32 (fp64 for fp64 inputs), the output rounded once.
     """
     if path not in (None, "dft", "fft"):
         raise ValueError(f"path must be None, 'dft' or 'fft', got {path!r}")
