@@ -17,7 +17,7 @@ import warnings
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -342,6 +342,57 @@ def test_non_finite_kernels_are_named(tmp_path, saves, capsys, bad):
         err = capsys.readouterr().err
         assert "lin1" in err and "NaN/inf" in err and err.count("\n") == 1
     assert not (tmp_path / "lora" / "adapter_config.json").exists()
+
+
+# -- 5. kernels that are not real floating point ----------------------------------------------------------
+
+
+def _with_kernel_dtype(folder, dtype, digest: bool):
+    """Rewrite ``folder``'s lin1 kernel in ``dtype``; the config then records the digest of exactly these tensors
+    (so that only the dtype is wrong), or none, as PEFT's reference implementation writes it."""
+    path = folder / "adapter_model.safetensors"
+    state = load_file(path)
+    key = "base_model.model.lin1.c3a_kernel"
+    kernel = state[key]
+    state[key] = {torch.int64: (3 * kernel).round().to(torch.int64), torch.bool: kernel > 0,
+                  torch.complex64: kernel.to(torch.complex64) + 1j}[dtype]
+    save_file(state, path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    if digest:
+        config["c3a_checkpoint"] = c3a.io.checkpoint_record(state, path.name)
+    else:
+        del config["c3a_checkpoint"]
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("digest", [True, False])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_kernels_not_real_floating_point_are_refused(tmp_path, saves, dtype, digest):
+    """Such kernels used to load cast to fp32 (a complex one losing its imaginary part): now a ValueError naming
+    the tensor and its dtype, raised before any module is replaced (from_pretrained, load_adapter), or before
+    the kernels are written (PEFT's set_peft_model_state_dict, which transformers' load_adapter uses)."""
+    folder = tmp_path / "a"
+    saves["b2"][0].save_pretrained(folder)
+    _with_kernel_dtype(folder, dtype, digest)
+    name = str(dtype).removeprefix("torch.")
+    match = rf"base_model\.model\.lin1\.c3a_kernel is {name}\b"
+    model = tiny()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match + ".*the model is unchanged"):
+        PeftModel.from_pretrained(model, folder)
+    assert_unchanged(model, before)
+    assert not hasattr(model, "peft_config")
+    host = copy.deepcopy(saves["b2"][0])
+    before = snapshot(host)
+    with pytest.raises(ValueError, match=match):
+        host.load_adapter(folder, "x")
+    assert_unchanged(host, before)
+    assert list(host.peft_config) == ["default"]
+    fresh = copy.deepcopy(saves["b2"][0])
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match=r"lin1\.c3a_kernel\.default is " + name):
+        set_peft_model_state_dict(fresh, load_file(folder / "adapter_model.safetensors"))
+    assert_unchanged(fresh, before)
 
 
 # -- 6. failed calls leave the model as it was --------------------------------------------------------------

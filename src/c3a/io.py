@@ -182,6 +182,22 @@ def weight_shapes(path: str) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in torch.load(path, map_location="meta", weights_only=True).items()}
 
 
+def weight_dtypes(path: str) -> dict[str, torch.dtype]:
+    """``{key: dtype}`` of a weights file without reading its tensors' data (safetensors: an empty slice of each,
+    or the tensor itself when it has no dimension to slice: one number)."""
+    with _readable(path):
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            dtypes = {}
+            with safe_open(path, framework="pt") as f:
+                for k in f.keys():
+                    part = f.get_slice(k)
+                    dtypes[k] = (part[:0] if part.get_shape() else f.get_tensor(k)).dtype
+            return dtypes
+        return {k: v.dtype for k, v in torch.load(path, map_location="meta", weights_only=True).items()}
+
+
 def weights_files(folder: str) -> list[str]:
     from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
