@@ -20,7 +20,8 @@ from c3a.experiments.answers import (
     normalize_sql,
     parse_number,
 )
-from c3a.experiments.instruct import FORMATS, generate, make_splits, score, tokenize
+from c3a.experiments.answers import slot_f1
+from c3a.experiments.instruct import FORMATS, generate, make_splits, prompt_text, score, tokenize
 
 GSM8K_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train_sample.jsonl"
 
@@ -295,3 +296,121 @@ def test_generate_with_a_tokenizer_that_emits_token_type_ids(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama / "model")
     texts = generate(model, tokenizer, ["Question: 1 + 1?", "Q"], batch_size=2, max_new_tokens=3)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+# -- real-format rows, chat prompts, stops, slot F1 -------------------------------------------------------
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+REAL_ROWS = {  # the first row of each shared file, as its README describes the schema (used when it is absent)
+    "gsm8k": {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+              "How many clips did Natalia sell altogether in April and May?",
+              "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
+              "altogether in April and May.\n#### 72"},
+    "viggo": {"meaning_representation": "inform(name[Dirt: Showdown], release_year[2012], esrb[E 10+ (for Everyone 10 "
+              "and Older)], genres[driving/racing, sport], platforms[PlayStation, Xbox, PC], available_on_steam[no], "
+              "has_linux_release[no], has_mac_release[no])",
+              "target": "Dirt: Showdown from 2012 is a sport racing game for the PlayStation, Xbox, PC rated E 10+ (for "
+              "Everyone 10 and Older). It's not available on Steam, Linux, or Mac."},
+    "sql": {"question": "Tell me what the notes are for South Australia",
+            "context": "table 1-1000181-1, columns: State/territory, Text/background colour, Format, Current slogan, "
+            "Current series, Notes",
+            "answer": "SELECT Notes FROM 1-1000181-1 WHERE Current slogan = 'SOUTH AUSTRALIA'"},
+}  # fmt: skip
+
+
+def _real_row(name: str) -> dict:
+    path = SHARED / name / "train.jsonl"
+    if path.is_file():
+        with open(path) as f:
+            return json.loads(f.readline())
+    return REAL_ROWS[name]
+
+
+class _ChatTokenizer(_CharTokenizer):
+    """One id per character, with a chat template that wraps the user turn."""
+
+    chat_template = "{{ messages }}"
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        assert not tokenize and add_generation_prompt and [m["role"] for m in messages] == ["user"]
+        return f"<user>{messages[0]['content']}</user><assistant>"
+
+
+@pytest.mark.parametrize("name", ["gsm8k", "viggo", "sql"])
+@pytest.mark.parametrize("chat", [False, True])
+def test_real_rows_through_prompt_mask_and_scorer(name, chat):
+    """A real row of each Table-3 dataset: the prompt (plain or chat) is masked, the answer + EOS is learned, and
+    the reference scores as right while a one-slot/one-token change scores as wrong."""
+    fmt, row = FORMATS[name], _real_row(name)
+    tokenizer = _ChatTokenizer()
+    data = tokenize(Dataset.from_list([row]), tokenizer, fmt, max_length=4096, chat=chat)[0]
+    prompt = prompt_text(fmt, row, tokenizer if chat else None)
+    assert prompt.startswith("<user>") == chat and fmt.prompt(row) in prompt
+    n = len(prompt) + (0 if chat else 1)  # plain prompts get the tokenizer's BOS, chat prompts carry their own
+    assert data["input_ids"][:n] == ([] if chat else [1]) + [ord(c) for c in prompt]
+    assert data["labels"][:n] == [-100] * n
+    assert data["labels"][n:] == [ord(c) for c in fmt.target(row)] + [2]
+    gold = fmt.target(row)
+    assert fmt.scorer.correct(gold, gold) and fmt.scorer.correct(gold + "\nmore text", gold)  # a trailing line never counts
+    wrong = {"gsm8k": gold.replace("#### 72", "#### 73"), "viggo": gold.replace("[2012]", "[2013]"),
+             "sql": gold.replace("Notes", "Format", 1)}[name]  # fmt: skip
+    assert not fmt.scorer.correct(wrong, gold)
+    assert fmt.max_new_tokens > len(gold.split())  # room for the answer
+
+
+def test_slot_f1_gives_partial_credit():
+    gold = "inform(name[Tomb Raider], rating[good], genres[action, adventure])"
+    assert slot_f1([gold], [gold]) == 1.0
+    one_wrong = "inform(name[Tomb Raider], rating[poor], genres[action, adventure])"  # 3 of 4 slots (act included)
+    assert slot_f1([one_wrong], [gold]) == pytest.approx(0.75)
+    assert slot_f1(["request(name[Tomb Raider])"], [gold]) == pytest.approx(2 * 1 / (2 + 4))
+    assert slot_f1(["inform( name[ Tomb  Raider ] )"], ["inform(name[Tomb Raider])"]) == 1.0  # spacing never counts
+    assert slot_f1(["", gold], [gold, gold]) == pytest.approx(2 * 4 / (4 + 8))  # micro-averaged over rows
+    metrics, _ = score(FORMATS["viggo"], [{"target": "s", "meaning_representation": gold}], [one_wrong])
+    assert metrics == {"accuracy": 0.0, "n": 1, "slot_f1": pytest.approx(0.75)}
+
+
+def test_generate_stops_at_a_stop_string(tiny_llama):
+    """A one-line format's generation ends at the line break (not kept), whatever the model writes after it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama / "model")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama / "model")
+    free = generate(model, tokenizer, ["Tom has"], batch_size=1, max_new_tokens=12)[0]
+    assert len(free) > 0
+    stop = free.strip()[:1] or free[:1]  # a character the model is known to write: cut right before it
+    cut = generate(model, tokenizer, ["Tom has"], batch_size=1, max_new_tokens=12, stop=(stop,))[0]
+    assert cut == free[: free.index(stop)]
+
+
+# -- sft-suite ----------------------------------------------------------------------------------------------
+def test_sft_suite_selects_on_validation_loss_resumes_and_reports(tiny_llama, tmp_path, capsys):
+    """The suite runner serves sft as it serves glue: a LoRA lr grid chosen on the lowest validation loss of the
+    selection seed, the other seed at the chosen point only, the untuned floor beside it; a rerun trains nothing;
+    --report-only writes the same tables."""
+    out = tmp_path / "grid"
+    argv = ["sft-suite", "--model", str(tiny_llama / "model"), "--tasks", "gsm8k", "--methods", "none",
+            "lora:rank=4:lr=1e-4,3e-2", "--seeds", "0", "1", "--select-seeds", "0", "--extend-edges", "0",
+            "--task-options", f"gsm8k:data={tiny_llama / 'gsm8k.jsonl'}:eval-samples=4", "--max-steps", "3",
+            "--batch-size", "8", "--max-new-tokens", "3", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    row = out / "gsm8k" / "lora_rank_4_lr_1e-4_3e-2"
+    losses = {lr: json.loads((row / f"lr={lr}" / "seed0" / "results.json").read_text())["validation"]["loss"]
+              for lr in ("1e-4", "3e-2")}  # fmt: skip
+    chosen = min(losses, key=losses.get)
+    assert sorted(p.name for p in row.iterdir()) == ["lr=1e-4", "lr=3e-2"]
+    assert [p.name for p in (row / f"lr={chosen}").iterdir() if p.name.startswith("seed")].count("seed1") == 1
+    other = "3e-2" if chosen == "1e-4" else "1e-4"
+    assert not (row / f"lr={other}" / "seed1").exists()  # test is read at the chosen point only
+    floor = json.loads((out / "gsm8k" / "none" / "seed0" / "results.json").read_text())
+    assert floor["trainable_params"] == 0 and floor["history"][0]["validation"]["loss"] == floor["validation"]["loss"]
+    selection = json.loads((out / "selection.json").read_text())["gsm8k/lora:rank=4:lr=1e-4,3e-2"]
+    assert selection["chosen"] == f"lr={chosen}"
+    assert selection["validation_means"] == {f"lr={lr}": pytest.approx(-loss) for lr, loss in losses.items()}
+    table = (out / "table.md").read_text()
+    assert "Instruction tuning" in table and "| none |" in table and "lowest mean validation loss" in table
+    capsys.readouterr()
+    assert main(argv) == 0  # resumed: every cell done before
+    assert capsys.readouterr().out.count("done before, skipped") == 5
+    (out / "table.md").unlink()
+    assert main([*argv, "--report-only"]) == 0
+    assert (out / "table.md").read_text() == table

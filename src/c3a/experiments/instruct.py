@@ -324,7 +324,7 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--validation-size", type=positive_int, help="rows carved from train for validation when there is no validation split (default: 5%%, at most 200)")
     data.add_argument("--validation-samples", type=positive_int, default=200, help="validation loss over at most this many rows, a fixed random subset (default 200)")
     data.add_argument("--eval-samples", type=positive_int, help="score at most this many test rows; the hold-out size when there is no test split (default: all; hold-out 10%%, at most 500)")
-    data.add_argument("--eval-batch-size", type=positive_int, default=32, help="rows per batch for the validation loss and for generation (default 32)")
+    data.add_argument("--generation-batch-size", type=positive_int, default=32, help="prompts per batch of greedy decoding (default 32; the validation loss uses --batch-size, so that peak memory is training's)")
     data.add_argument("--max-new-tokens", type=positive_int, help="generation length limit per answer (default: the format's, above its longest reference)")
 
 
@@ -398,7 +398,6 @@ def run_sft(args: argparse.Namespace) -> int:
         logging_steps=0.01,  # a fraction of all steps: a 100-point loss curve
         **_group_by_length(),
     )
-    config.eval_batch_size = args.eval_batch_size
     result = fit(
         model,
         encoded["train"],
@@ -416,7 +415,7 @@ def run_sft(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     test = splits["test"]
     prompts = [prompt_text(fmt, row, tokenizer if chat else None) for row in test]
-    predictions = generate(model, tokenizer, prompts, batch_size=args.eval_batch_size, max_new_tokens=max_new_tokens,
+    predictions = generate(model, tokenizer, prompts, batch_size=args.generation_batch_size, max_new_tokens=max_new_tokens,
                            accelerator=accelerator, stop=fmt.stop, add_special_tokens=not chat)  # fmt: skip
     metrics, records = score(fmt, test, predictions, prompts)
     eval_seconds = time.perf_counter() - start
@@ -426,11 +425,12 @@ def run_sft(args: argparse.Namespace) -> int:
             args, result, task=args.format, main_metric="accuracy", trainable_params=trainable_parameters(model),
             test=metrics,  # generation accuracy on the held-out split, under the key the shared report reads
             samples={"train": len(encoded["train"]), "validation": len(encoded["validation"]), "test": len(test)},
-            config=dict(lr=config.lr, weight_decay=config.weight_decay, out=out, prompt_style="chat" if chat else "plain",
-                        max_new_tokens=max_new_tokens, data=data, data_config=data_config),
+            config=dict(lr=config.lr, weight_decay=config.weight_decay, out=out),
             select={"metric": "loss", "greater_is_better": False},  # what chooses epochs and grid points
             eval=metrics,  # the same, as the schema names it
-            data=data, eval_data=args.eval_data, eval_seconds=eval_seconds,
+            # what the defaults resolved to (beside config, which keeps the options as given)
+            prompt="chat" if chat else "plain", max_new_tokens=max_new_tokens, data=data, data_config=data_config,
+            eval_data=args.eval_data, eval_seconds=eval_seconds,
         )
         write_results(os.path.join(out, "results.json"), results)
         print(
