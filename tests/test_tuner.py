@@ -247,6 +247,20 @@ def test_bad_block_size_in_second_adapter_changes_nothing(tiny_bert):
     assert len(c3a_layers(model)) == 2
 
 
+@pytest.mark.parametrize("config_cls", [peft.C3AConfig, C3AConfig])
+def test_block_size_pattern_key_not_a_regex_changes_nothing(tiny_bert, config_cls):
+    """PEFT's own config class never checks its keys, and ours can be changed after it was built: either way the
+    key is refused before any module is replaced, even when no target needs it (the only target matches the
+    first key, so the bad one was never compiled: silently accepted before)."""
+    config = config_cls(block_size=8, target_modules=["query"], block_size_pattern={"query": 16})
+    config.block_size_pattern["value["] = 4  # after construction: only the injection can see it
+    model = copy.deepcopy(tiny_bert)
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"block_size_pattern key 'value\['"):
+        get_peft_model(model, config)
+    assert {n: type(m) for n, m in model.named_modules()} == before
+
+
 def test_targets_matching_nothing_and_unsupported_types(tiny_bert):
     with pytest.raises(ValueError, match="q_proj"):
         get_peft_model(copy.deepcopy(tiny_bert), C3AConfig(block_size=8, target_modules=["q_proj"]))
@@ -262,6 +276,8 @@ def test_targets_matching_nothing_and_unsupported_types(tiny_bert):
         ({"block_size": 0}, "positive integer"),
         ({"block_size": "big"}, "positive integer"),
         ({"block_size_pattern": {"q": -2}}, "positive integer"),
+        ({"block_size_pattern": {"q_proj[": 8}}, r"block_size_pattern key 'q_proj\[' is not a valid regular"),
+        ({"block_size_pattern": {"(?i)q": 8}}, r"block_size_pattern key '\(\?i\)q'"),  # valid alone, not inside .*\.key$
         ({"init_weights": "orthogonal"}, "init_weights"),
         ({"bias": "some"}, "bias"),
         ({"target_modules": ".*", "layers_to_transform": [0]}, "layers_to_transform"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import weakref
 from dataclasses import InitVar, dataclass, field
 from typing import Any, Callable, Literal, Mapping, Optional, Union
@@ -21,6 +22,17 @@ INIT_CHOICES = ("xavier_uniform", "kaiming_uniform", "gaussian")
 BIAS_CHOICES = ("none", "all", "c3a_only")
 # Fields PEFT's reference config lacks: written only when set, so saved configs stay loadable there.
 OWN_FIELDS = ("budget", "lora_rank", "exclude_modules", "exact_delta")
+
+
+def block_size_key_pattern(key: Any) -> re.Pattern:
+    """The regex with which a ``block_size_pattern`` key matches module names, ``.*\\.key$`` (as PEFT's C3A
+    resolves keys); a key that makes no valid pattern is a ValueError naming the field and the key."""
+    if not isinstance(key, str):
+        raise ValueError(f"block_size_pattern keys must be module names or regex patterns (strings), got {key!r}")
+    try:
+        return re.compile(rf".*\.{key}$")
+    except re.error as e:
+        raise ValueError(f"block_size_pattern key {key!r} is not a valid regular expression: {e}") from None
 
 
 @dataclass
@@ -74,6 +86,8 @@ class C3AConfig(peft.C3AConfig):
         if self.bias not in BIAS_CHOICES:
             raise ValueError(f"bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
         self.block_size_pattern = dict(self.block_size_pattern or {})
+        for key in self.block_size_pattern:
+            block_size_key_pattern(key)
         for key, b in [("block_size", self.block_size), *self.block_size_pattern.items()]:
             if b == "auto" and key == "block_size":
                 continue

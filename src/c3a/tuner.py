@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import sys
 import warnings
 from contextlib import contextmanager
@@ -27,7 +26,7 @@ from peft.utils import (
 )
 from torch import nn
 
-from .config import C3AConfig, note_saved_state
+from .config import C3AConfig, block_size_key_pattern, note_saved_state
 from .io import IncompleteCheckpointError, verify_checkpoint, weight_dtypes, weight_shapes, weights_files
 from .layer import BASE_ADAPTER, C3ALayer, C3ALinear, block_size_problem, targeted_shapes
 
@@ -38,7 +37,7 @@ def pattern_block_size(config: peft.C3AConfig, name: str) -> int:
     patterns = config.block_size_pattern or {}
     if name in patterns:
         return patterns[name]
-    key = next((k for k in patterns if re.match(rf".*\.{k}$", name)), None)
+    key = next((k for k in patterns if block_size_key_pattern(k).match(name)), None)
     return patterns[key] if key is not None else config.block_size
 
 
@@ -149,6 +148,8 @@ class C3AModel(BaseTuner):
         before the model is touched.
         """
         source = peft_config.__dict__.pop("_load_source", None)
+        for key in peft_config.block_size_pattern or {}:  # PEFT's own config class, or one changed since it was built
+            block_size_key_pattern(key)
         _maybe_include_all_linear_layers(peft_config, model)  # idempotent; PEFT calls it again after this hook
         shapes = targeted_shapes(model, peft_config)
         if not shapes:
