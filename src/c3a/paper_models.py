@@ -7,6 +7,7 @@ Any other name goes to ``transformers`` as it is (a hub id or a local folder).
 from __future__ import annotations
 
 import fcntl
+import glob
 import importlib.metadata
 import importlib.util
 import os
@@ -17,6 +18,8 @@ from typing import Callable, Optional
 
 from torch import nn
 from transformers import AutoConfig, LlamaConfig, PretrainedConfig, RobertaConfig, ViTConfig
+
+from c3a.io import file_mode
 
 
 def _roberta(hidden: int, layers: int, heads: int) -> RobertaConfig:
@@ -122,12 +125,13 @@ def resolve_model(name: str) -> str:
     package = _package_dir(name, shortcut)
     if shortcut.folder:
         return os.path.join(package, shortcut.folder)
+    gguf_file = os.path.join(package, shortcut.gguf)
     try:
         version = importlib.metadata.version(shortcut.package.replace("_", "-"))
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
-    target = os.path.join(cache_dir(), "models", f"{name}-{version}")
-    return converted_gguf(os.path.join(package, shortcut.gguf), target)
+    except importlib.metadata.PackageNotFoundError:  # no metadata: the file itself tells one copy from another
+        stat = os.stat(gguf_file) if os.path.isfile(gguf_file) else None
+        version = f"file-{stat.st_size}-{int(stat.st_mtime)}" if stat else "unknown"
+    return converted_gguf(gguf_file, os.path.join(cache_dir(), "models", f"{name}-{version}"))
 
 
 def converted_gguf(gguf_file: str, target: str) -> str:
@@ -144,10 +148,14 @@ def converted_gguf(gguf_file: str, target: str) -> str:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         if os.path.isfile(os.path.join(target, "config.json")):  # another process converted it meanwhile
             return target
+        # whoever left a staging folder held this lock and died: nobody else can be writing it now
+        for leftover in glob.glob(glob.escape(target) + ".*.partial"):
+            shutil.rmtree(leftover, ignore_errors=True)
         staging = f"{target}.{socket.gethostname()}.{os.getpid()}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
         try:
-            _convert_gguf(gguf_file, staging)
+            _convert_gguf(os.path.abspath(gguf_file), staging)
+            for entry in os.listdir(staging):  # safetensors writes 0600 whatever the umask: a shared cache needs more
+                os.chmod(os.path.join(staging, entry), file_mode())
             os.replace(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -162,7 +170,7 @@ def _convert_gguf(gguf_file: str, out: str) -> None:
 
     folder, file = os.path.split(gguf_file)
     print(f"converting {file} once into a plain transformers folder: {out}", flush=True)
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity(logging.ERROR)
     hf_logging.disable_progress_bar()
     try:
@@ -178,7 +186,8 @@ def _convert_gguf(gguf_file: str, out: str) -> None:
         tokenizer.save_pretrained(out)
     finally:
         hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def model_config(name: str) -> PretrainedConfig:
