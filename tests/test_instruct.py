@@ -414,3 +414,18 @@ def test_sft_suite_selects_on_validation_loss_resumes_and_reports(tiny_llama, tm
     (out / "table.md").unlink()
     assert main([*argv, "--report-only"]) == 0
     assert (out / "table.md").read_text() == table
+
+
+def test_a_local_folder_reads_exactly_its_split_files(tmp_path):
+    """GSM8K's shared folder holds train.jsonl and train_sample.jsonl (its first 300 rows): only the split files
+    count, so the sample is not trained on twice (or carved into the test hold-out)."""
+    from c3a.experiments.instruct import load_source
+
+    rows = _gsm8k_rows(5)
+    for name, part in [("train.jsonl", rows[:3]), ("train_sample.jsonl", rows[:1]), ("test.jsonl", rows[3:])]:
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    raw = load_source(str(tmp_path))
+    assert {split: raw[split]["idx"] for split in raw} == {"train": [0, 1, 2], "test": [3, 4]}
+    (tmp_path / "test.jsonl").write_text('{"idx": 5, "question": "q"}\n{"idx": 6\n')
+    with pytest.raises(ValueError, match=r"test\.jsonl:2: not valid JSON"):  # a bad row named by file and line
+        load_source(str(tmp_path))

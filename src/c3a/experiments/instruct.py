@@ -116,17 +116,26 @@ CARVE_SEED = 0  # validation and test rows carved from train: the same for every
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def load_source(source: str, config: Optional[str] = None):
-    """``DatasetDict`` from a hub id or local folder (``datasets.load_dataset``), or from one local
-    JSON/JSONL/CSV/Parquet file, which becomes the ``train`` split."""
-    from datasets import load_dataset
+SPLITS = ("train", "validation", "test")
 
+
+def load_source(source: str, config: Optional[str] = None):
+    """``DatasetDict`` from a hub id; from a local folder holding ``train``/``validation``/``test`` files (JSON,
+    JSONL, CSV or Parquet: exactly those, so a ``train_sample.jsonl`` beside them is not read as more training
+    rows), else any folder ``datasets.load_dataset`` reads; or from one local file, which becomes ``train``."""
+    from datasets import DatasetDict, load_dataset
+
+    if os.path.isdir(source):
+        files = {split: path for split in SPLITS for ext in _FILE_BUILDERS
+                 if os.path.isfile(path := os.path.join(source, split + ext))}  # fmt: skip
+        if files:
+            return DatasetDict({split: load_source(path)["train"] for split, path in files.items()})
     if os.path.isfile(source):
         builder = _FILE_BUILDERS.get(os.path.splitext(source)[1].lower())
         if builder is None:
             raise ValueError(f"{source}: data files must be one of {', '.join(_FILE_BUILDERS)}")
         if builder == "json" and source.lower().endswith(".jsonl"):  # bad rows named by file and line
-            from datasets import Dataset, DatasetDict
+            from datasets import Dataset
 
             return DatasetDict(train=Dataset.from_list(read_jsonl(source)))
         return load_dataset(builder, data_files={"train": source})
