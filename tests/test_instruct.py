@@ -108,7 +108,10 @@ def test_sql_and_viggo_exact_match():
     sql = SCORERS["sql"]
     gold = 'SELECT COUNT(*) FROM head WHERE name = "John Smith"'
     assert sql.correct('select count ( * )  from head\twhere name="John Smith";', gold)
-    assert not sql.correct('SELECT COUNT(*) FROM head WHERE name = "john smith"', gold)  # literals keep case
+    assert sql.correct("SELECT COUNT(*) FROM head WHERE name = 'JOHN SMITH'", gold)  # case and quote style fold
+    assert not sql.correct("SELECT COUNT(*) FROM head WHERE name = 'John Smyth'", gold)
+    assert not sql.correct("SELECT COUNT(*) FROM head WHERE name = John Smith", gold)  # an unquoted value is not a literal
+    assert normalize_sql('''x = "it's" AND y = "a""b"''') == normalize_sql("""x = 'it''s' and y = 'a"b'""")
     assert not sql.correct("SELECT COUNT(*) FROM head", gold)
     assert normalize_sql("SELECT a FROM t;\nextra text") == "select a from t"
     mr = "inform(name[Tomb Raider], release_year[2013], rating[good])"

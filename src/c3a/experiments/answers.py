@@ -8,8 +8,8 @@ when the text holds none, and says whether two answers agree:
 - MATH: the last ``\\boxed{...}`` (nested braces kept), else what follows MetaMath's ``The answer is:``;
   LaTeX spacing and sizing removed; equal as strings or, when both parse as numbers or fractions, as numbers.
 - ViGGO meaning representations, SQL and free text: exact match after tokenising, so spacing never matters;
-  SQL also ignores case outside quoted literals (keywords and identifiers are case-insensitive in SQL) and a
-  trailing ``;``. ViGGO and SQL answers are one line: a generation is cut at its first line break.
+  SQL also ignores case (literals' too, as WikiSQL's evaluation does), the quote style of literals and a trailing
+  ``;``. ViGGO and SQL answers are one line: a generation is cut at its first line break.
 """
 
 from __future__ import annotations
@@ -125,12 +125,21 @@ def normalize_mr(text: str) -> str:
     return normalize_text(_first_line(text))
 
 
+def _single_quoted(token: str) -> str:
+    """A quoted literal written with single quotes: ``"it's"`` → ``'it''s'``."""
+    if token[0] != '"':
+        return token
+    return "'" + token[1:-1].replace('""', '"').replace("'", "''") + "'"
+
+
 def normalize_sql(text: str) -> str:
-    """An SQL query: case folded outside quoted literals, a trailing ``;`` dropped."""
+    """An SQL query, compared as WikiSQL's own evaluation does: tokens (so spacing never matters), case folded
+    everywhere, literals too (WikiSQL's values carry the table's capitalisation, which the question does not give),
+    ``"..."`` and ``'...'`` literals alike, a trailing ``;`` dropped."""
     tokens = _tokens(_first_line(text))
     while tokens and tokens[-1] == ";":
         tokens.pop()
-    return " ".join(t if t[0] in "'\"" else t.lower() for t in tokens)
+    return " ".join(_single_quoted(t).lower() for t in tokens)
 
 
 @dataclass(frozen=True)
