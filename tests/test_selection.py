@@ -201,3 +201,14 @@ def test_readme_defaults_table_matches_the_registry():
                 values = tuple(v.strip() for v in grid.removeprefix("head-lr").split(","))
                 assert method.grid == ((option, values),), name
     assert seen == set(glue.METHODS)
+
+
+def test_a_two_option_grid_goes_past_its_learning_rate_edge_at_the_chosen_other_values(tmp_path, monkeypatch):
+    """LoRA's alpha × lr grid (Table 3): when the choice sits on the lr edge, the next lr is tried with the chosen
+    alpha only; the search stops once a point past the edge loses."""
+    _, trained = _fake_suite(tmp_path, monkeypatch, 3.0, row="lora:alpha=32,64:lr=0.1,0.3,1")
+    row = os.path.join("sst2", "lora_alpha_32_64_lr_0.1_0.3_1")
+    grid = [f"alpha={a}_lr={lr}" for a in ("32", "64") for lr in ("0.1", "0.3", "1")]
+    # the fake's score depends on lr alone: alpha=32 wins the tie (listed first), so its line is extended
+    assert trained == [os.path.join(row, p, "seed0") for p in [*grid, "alpha=32_lr=3", "alpha=32_lr=10"]] + [
+        os.path.join(row, "alpha=32_lr=3", "seed1")]

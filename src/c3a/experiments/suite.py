@@ -150,13 +150,14 @@ def parse_row(spec: str, default_grid: bool = False, setting: str = "classificat
 
 def _row_specs(values: list[str]) -> list[str]:
     """Row specs from ``--methods``: separated by spaces or commas; a comma followed by a value (no method name)
-    continues the previous row's grid (``lora:lr=1e-4,3e-4,c3a`` is two rows)."""
+    continues the previous row's grid, also when more options follow (``lora:alpha=32,64:lr=1e-4,3e-4,c3a`` is two
+    rows)."""
     specs: list[str] = []
     for value in values:
         for piece in value.split(","):
             if not piece:
                 continue
-            if specs and piece.split(":")[0] not in METHODS and ":" not in piece:
+            if specs and piece.split(":")[0] not in METHODS:
                 specs[-1] += "," + piece
             else:
                 specs.append(piece)
