@@ -1,6 +1,11 @@
+import contextlib
+import io
+
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, RobertaConfig, RobertaForSequenceClassification,
+)
 
 # Tests use tiny tensors: extra threads only add synchronisation, which is very slow on a busy machine.
 torch.set_num_threads(1)
@@ -65,3 +70,36 @@ def write_tiny_llama(root, corpus, **config):
     tokenizer.save_pretrained(root)
     LlamaForCausalLM(LlamaConfig(**{**settings, **config})).save_pretrained(root)
     return root
+
+
+def run_cli(*argv) -> str:
+    """``c3a ARGV`` run in-process (errors raise); its stdout."""
+    from c3a.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(list(argv)) == 0
+    return out.getvalue()
+
+
+def kernel_from_spectrum(spectrum: torch.Tensor, b: int) -> torch.Tensor:
+    """Real kernel (m, n, b) whose real-FFT blocks are ``spectrum`` (F, m, n)."""
+    return torch.fft.irfft(spectrum.permute(1, 2, 0), n=b, dim=-1)
+
+
+def low_rank_kernel(m, n, b, ranks, seed=0) -> torch.Tensor:
+    """A kernel whose frequency block f (real FFT) has rank ranks[f]; DC and Nyquist blocks stay real."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = []
+    for f, r in enumerate(ranks):
+        real = f == 0 or (b % 2 == 0 and f == b // 2)
+        dtype = torch.float64 if real else torch.complex128
+        blocks.append(torch.randn(m, r, dtype=dtype, generator=g) @ torch.randn(r, n, dtype=dtype, generator=g))
+    return kernel_from_spectrum(torch.stack([x.to(torch.complex128) for x in blocks]), b)
+
+
+def tiny_roberta(seed=0, labels=2):
+    torch.manual_seed(seed)
+    config = RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=40, num_labels=labels)
+    return RobertaForSequenceClassification(config).eval()

@@ -23,7 +23,8 @@ from torch import nn
 
 import c3a
 from c3a import C3AConfig, C3ALinear
-from c3a.analysis import load_adapter, to_lora
+from c3a.adapters import load_adapter
+from c3a.export import to_lora
 from c3a.cli import main as _main
 from c3a.io import IncompleteCheckpointError, atomic_write_text, file_mode
 from c3a.layer import c3a_layers
@@ -518,13 +519,13 @@ def test_cli_data_errors_name_file_and_line(tmp_path, capsys, monkeypatch):
     def bad_data(*_, **__):
         raise ValueError(f"{tmp_path}/train.jsonl:3: expected a JSON object")
 
-    monkeypatch.setattr(c3a.analysis_cli.analysis, "adapter_ranks", bad_data)
+    monkeypatch.setattr(c3a.analysis_cli, "adapter_ranks", bad_data)
     assert main(["rank", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"c3a rank: error: {tmp_path}/train.jsonl:3: expected a JSON object\n"
 
     def bug(*_, **__):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(c3a.analysis_cli.analysis, "adapter_ranks", bug)
+    monkeypatch.setattr(c3a.analysis_cli, "adapter_ranks", bug)
     with pytest.raises(KeyError):  # not a user error: the traceback stays
         main(["rank", str(tmp_path)])

@@ -1,4 +1,8 @@
-"""``c3a rank``, ``c3a params`` and ``c3a export-lora``: argument parsing and printing around :mod:`c3a.analysis`."""
+"""``c3a rank``, ``c3a params`` and ``c3a export-lora``: argument parsing and printing around :mod:`c3a.rank`,
+:mod:`c3a.export` and :mod:`c3a.experiments.params`.
+
+A command-line module, not part of the library: it may import the experiments (``c3a params`` counts any method of
+the registry), and nothing in the library imports it (docs/design.md)."""
 
 from __future__ import annotations
 
@@ -8,8 +12,10 @@ import json
 import os
 from collections import Counter, defaultdict
 
-from . import analysis
 from .argtypes import block_size, positive_int
+from .experiments.params import COMPLEXITY, count_parameters
+from .export import to_lora
+from .rank import LayerRank, adapter_ranks
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -32,7 +38,7 @@ def add_rank_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", metavar="FILE.png", help="also draw each layer's singular-value spectrum")
 
 
-def plot_spectra(layers: list[analysis.LayerRank], path: str) -> None:
+def plot_spectra(layers: list[LayerRank], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,17 +62,17 @@ def plot_spectra(layers: list[analysis.LayerRank], path: str) -> None:
     plt.close(fig)
 
 
-def _structure(layer: analysis.LayerRank) -> str:
+def _structure(layer: LayerRank) -> str:
     return f"LoRA r={layer.lora_rank}" if layer.lora_rank is not None else str(layer.block_size)
 
 
-def _rank_summary(layers: list[analysis.LayerRank]) -> str:
+def _rank_summary(layers: list[LayerRank]) -> str:
     full = sum(layer.full_rank for layer in layers)
     return f"full rank: {full} of {len(layers)} layers ({100 * full / len(layers):.1f}%)"
 
 
 def run_rank(args: argparse.Namespace) -> int:
-    per_adapter = {source: analysis.adapter_ranks(source) for source in args.adapter}
+    per_adapter = {source: adapter_ranks(source) for source in args.adapter}
     layers = [layer for found in per_adapter.values() for layer in found]
     fraction = sum(layer.full_rank for layer in layers) / len(layers)
     if args.plot:
@@ -109,7 +115,7 @@ def add_params_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help=f"{', '.join([*PAPER_MODELS, *MODEL_SHORTCUTS])}, or any hub id / folder with a config.json "
                         "(config only)")
-    p.add_argument("--method", required=True, choices=list(analysis.COMPLEXITY))
+    p.add_argument("--method", required=True, choices=list(COMPLEXITY))
     p.add_argument("--block-size", type=block_size, default="auto",
                    help='C³A block size, or "auto" (the default): per layer, within LoRA rank --rank\'s parameters')
     p.add_argument("--rank", type=positive_int, default=8,
@@ -120,8 +126,7 @@ def add_params_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_params(args: argparse.Namespace) -> int:
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
-    report = analysis.count_parameters(args.model, args.method, block_size=args.block_size,
-                                       rank=args.rank, targets=targets)
+    report = count_parameters(args.model, args.method, block_size=args.block_size, rank=args.rank, targets=targets)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
@@ -173,7 +178,7 @@ def run_export_lora(args: argparse.Namespace) -> int:
         raise NotADirectoryError(f"--out {args.out} is a file; pass a folder")
     if os.path.isfile(os.path.join(args.out, CONFIG_NAME)) and not args.overwrite:
         raise FileExistsError(f"--out {args.out} already holds an adapter ({CONFIG_NAME}); pass --overwrite to replace it")
-    export = analysis.to_lora(args.adapter, args.rank, progress=True)
+    export = to_lora(args.adapter, args.rank, progress=True)
     export.save_pretrained(args.out)
     if args.json:
         print(json.dumps({"out": args.out, "rank": args.rank, "layers": export.layers}, indent=2))

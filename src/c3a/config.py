@@ -42,7 +42,7 @@ class C3AConfig(peft.C3AConfig):
     Args:
         block_size: circulant block size ``b`` (divides ``in_features`` and ``out_features`` of every target;
             ``d_in·d_out/b`` trainable weights per layer), or ``"auto"``: per layer, the smallest block size
-            within ``budget`` / ``lora_rank``'s parameter count (:func:`c3a.analysis.choose_block_sizes`).
+            within ``budget`` / ``lora_rank``'s parameter count (:func:`c3a.blocksize.choose_block_sizes`).
             ``"auto"`` is resolved to integers when the adapter is injected (``block_size`` becomes the most
             common choice, ``block_size_pattern`` lists the others by full module name), so saved configs load
             in PEFT's reference implementation too.

@@ -26,6 +26,7 @@ from peft.utils import (
 )
 from torch import nn
 
+from .blocksize import as_block_size_config, choose_block_sizes
 from .config import C3AConfig, block_size_key_pattern, note_saved_state
 from .io import IncompleteCheckpointError, verify_checkpoint, weight_dtypes, weight_shapes, weights_files
 from .layer import BASE_ADAPTER, C3ALayer, C3ALinear, block_size_problem, targeted_shapes
@@ -157,8 +158,6 @@ class C3AModel(BaseTuner):
         sizes = {name: pattern_block_size(peft_config, name) for name in shapes}
         auto = {name: shapes[name] for name, b in sizes.items() if b == "auto"}
         if auto:
-            from .analysis import as_block_size_config, choose_block_sizes
-
             chosen = choose_block_sizes(
                 auto, budget=getattr(peft_config, "budget", None), lora_rank=getattr(peft_config, "lora_rank", None)
             )

@@ -2,13 +2,16 @@
 
 ``build_method(model, name, options)`` freezes what the method freezes, injects what it injects and
 returns the model to train. Experiments only ever go through this module; no method knows about them.
+A method is one :class:`Method` entry of :data:`METHODS`: its builder, its defaults and grids, the suites it is a
+default row of, and its time/space terms per adapted layer (paper Table 1, for ``c3a params``).
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 from torch import nn
 
@@ -42,6 +45,26 @@ class Defaults:
 
 
 @dataclass(frozen=True)
+class Complexity:
+    """Extra work per token a method adds to one adapted ``d1×d2`` layer (``d1`` out, ``d2`` in), and the
+    trainable parameters it keeps there: formulas as text and as functions of ``(d1, d2, k)``, with ``k``
+    holding ``b`` (C³A block size), ``r`` (rank), ``s``/``m`` (BOFT block size / butterfly factors)."""
+
+    time: str
+    space: str
+    source: str
+    time_of: Callable[[int, int, dict], float] = field(repr=False)
+    space_of: Callable[[int, int, dict], float] = field(repr=False)
+    options: tuple[str, ...] = ()  # the MethodOptions fields the terms depend on, reported with the counts
+
+
+PAPER = "paper, Table 1"
+
+# Counts trainable parameters per layer from {name: (d_in, d_out)}, for a method the meta device cannot build.
+ShapeCount = Callable[[Mapping[str, tuple[int, int]], MethodOptions], dict[str, int]]
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     build: Callable[[nn.Module, MethodOptions], nn.Module]
@@ -53,6 +76,10 @@ class Method:
     grid: Grid = ()
     causal_lm: Optional[Defaults] = None  # instruction tuning a causal LM (`c3a sft`), where it differs
     trains: bool = True  # False: the model is evaluated as built (the untuned floor)
+    complexity: Optional[Complexity] = None  # Table 1's terms; `c3a params` offers the methods that have them
+    count_from_shapes: Optional[ShapeCount] = None  # None: counted on the model built on the meta device
+    # (suite, row): the method is a default row of that suite's table (`c3a glue-suite`), at that position
+    default_rows: tuple[tuple[str, int], ...] = ()
 
     def defaults(self, setting: str = "classification") -> Defaults:
         """The defaults of ``setting``: ``"classification"`` (the fields above) or ``"causal-lm"``."""
@@ -140,6 +167,17 @@ def _boft(model, opts):
     )
 
 
+def _boft_count(shapes: Mapping[str, tuple[int, int]], opts: MethodOptions) -> dict[str, int]:
+    """What PEFT's BOFT trains per layer: ``m`` butterfly factors of ``d_in/s`` blocks ``s×s`` (``boft_R``) and one
+    scale per output (``boft_s``). Counted, not built: PEFT builds dense ``d_in × d_in`` permutation matrices with
+    ``.item()`` calls that the meta device cannot run (and drops to ``m = 1`` when its CUDA extension is missing)."""
+    s, m = opts.boft_block_size, opts.boft_butterfly_factor
+    for name, (d_in, _) in shapes.items():
+        if d_in % (s * 2 ** (m - 1)):
+            raise ValueError(f"BOFT block size {s} does not fit {name} (in_features={d_in})")
+    return {name: m * d_in * s + d_out for name, (d_in, d_out) in shapes.items()}
+
+
 def _ia3(model, opts):
     from peft import IA3Config
 
@@ -149,7 +187,7 @@ def _ia3(model, opts):
 def _peft_c3a(model, opts):
     from peft import C3AConfig as PeftC3AConfig
 
-    from c3a.analysis import as_block_size_config, choose_block_sizes, target_shapes
+    from c3a.blocksize import as_block_size_config, choose_block_sizes, target_shapes
 
     targets = _targets(model, opts)
     block_size, pattern = opts.block_size, {}
@@ -201,17 +239,45 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in [
         Method("c3a", _peft(_c3a), 0.3, 1e-4, "C³A block-circulant adapter (this library)", HEAD_LR,
-               _grid("lr", "0.1", "0.3", "1"), CAUSAL_LM_C3A),
+               _grid("lr", "0.1", "0.3", "1"), CAUSAL_LM_C3A,
+               complexity=Complexity("(d1+d2)·log2(b) + d1·d2/b", "d1·d2/b", PAPER,
+                                     lambda d1, d2, k: (d1 + d2) * math.log2(k["b"]) + d1 * d2 / k["b"],
+                                     lambda d1, d2, k: d1 * d2 / k["b"], options=("block_size",)),
+               default_rows=(("glue", 7),)),
         Method("lora", _peft(_lora), 1e-3, 0.0, "LoRA (PEFT)", HEAD_LR, _grid("lr", "3e-4", "1e-3", "3e-3"),
-               CAUSAL_LM_LORA),
-        Method("vera", _peft(_vera), 3e-2, 0.0, "VeRA (PEFT)", HEAD_LR, _grid("lr", "1e-2", "3e-2", "1e-1")),
-        Method("boft", _peft(_boft), 3e-4, 0.0, "BOFT (PEFT; not probed)", HEAD_LR),
-        Method("ia3", _peft(_ia3), 3e-2, 0.0, "(IA)³ (PEFT)", HEAD_LR, _grid("lr", "1e-2", "3e-2", "1e-1")),
+               CAUSAL_LM_LORA,
+               complexity=Complexity("r·(d1+d2)", "r·(d1+d2)", PAPER, lambda d1, d2, k: k["r"] * (d1 + d2),
+                                     lambda d1, d2, k: k["r"] * (d1 + d2), options=("rank",)),
+               default_rows=(("glue", 4),)),
+        Method("vera", _peft(_vera), 3e-2, 0.0, "VeRA (PEFT)", HEAD_LR, _grid("lr", "1e-2", "3e-2", "1e-1"),
+               complexity=Complexity("r·(d1+d2)", "d1 + r",
+                                     PAPER + "; the frozen random matrices are shared and not trained",
+                                     lambda d1, d2, k: k["r"] * (d1 + d2), lambda d1, d2, k: d1 + k["r"],
+                                     options=("rank",)),
+               default_rows=(("glue", 5),)),
+        Method("boft", _peft(_boft), 3e-4, 0.0, "BOFT (PEFT; not probed)", HEAD_LR,
+               complexity=Complexity("m·d2·s + d1", "m·d2·s + d1",
+                                     "not in the paper's table: m butterfly factors of d2/s blocks (s×s) applied to "
+                                     "a token, then one scale per output; PEFT stores the full s×s blocks",
+                                     lambda d1, d2, k: k["m"] * d2 * k["s"] + d1,
+                                     lambda d1, d2, k: k["m"] * d2 * k["s"] + d1,
+                                     options=("boft_block_size", "boft_butterfly_factor")),
+               count_from_shapes=_boft_count, default_rows=(("glue", 6),)),
+        Method("ia3", _peft(_ia3), 3e-2, 0.0, "(IA)³ (PEFT)", HEAD_LR, _grid("lr", "1e-2", "3e-2", "1e-1"),
+               complexity=Complexity("d1", "d1", "not in the paper's table: one scale per output",
+                                     lambda d1, d2, k: d1, lambda d1, d2, k: d1),
+               default_rows=(("glue", 3),)),
         Method("peft-c3a", _peft(_peft_c3a, reference=True), 0.3, 1e-4, "PEFT's C3A tuner (reference implementation)",
                HEAD_LR, _grid("lr", "0.1", "0.3", "1"), CAUSAL_LM_C3A),
-        Method("bitfit", _bitfit, 1e-3, 0.0, "BitFit: biases only", HEAD_LR, _grid("lr", "3e-4", "1e-3", "3e-3")),
+        Method("bitfit", _bitfit, 1e-3, 0.0, "BitFit: biases only", HEAD_LR, _grid("lr", "3e-4", "1e-3", "3e-3"),
+               complexity=Complexity("0", "d1", "not in the paper's table: the layer's bias, which is added anyway",
+                                     lambda d1, d2, k: 0, lambda d1, d2, k: d1),
+               default_rows=(("glue", 2),)),
         Method("head", _head, 1e-2, 0.0, "the task head only", 1e-2, _grid("head-lr", "1e-3", "3e-3", "1e-2")),
-        Method("full", _full, 1e-4, 0.01, "full fine-tuning", HEAD_LR, _grid("lr", "1e-5", "3e-5", "1e-4")),
+        Method("full", _full, 1e-4, 0.01, "full fine-tuning", HEAD_LR, _grid("lr", "1e-5", "3e-5", "1e-4"),
+               complexity=Complexity("0", "d1·d2", "not in the paper's table: the weight itself is trained",
+                                     lambda d1, d2, k: 0, lambda d1, d2, k: d1 * d2),
+               default_rows=(("glue", 1),)),
         Method("none", _none, 0.0, 0.0, "the pretrained model as it is, nothing trained (the floor)", trains=False),
     ]
 }
@@ -222,6 +288,12 @@ def build_method(model: nn.Module, name: str, options: Optional[MethodOptions] =
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     return METHODS[name].build(model, options or MethodOptions())
+
+
+def default_methods(suite: str) -> tuple[str, ...]:
+    """The methods whose entries make them default rows of ``suite``'s table (e.g. ``"glue"``), in row order."""
+    rows = sorted((row, m.name) for m in METHODS.values() for name, row in m.default_rows if name == suite)
+    return tuple(name for _, name in rows)
 
 
 def trainable_parameters(model: nn.Module, head: list[str] = ()) -> int:
