@@ -228,3 +228,77 @@ def test_training_while_merged_warns():
             layer.train()(x)
     with pytest.warns(UserWarning, match="merged into the base weight, so their kernels get no gradient"):
         layer.train()(x)
+
+
+# -- one layer class per kind of base layer ---------------------------------------------------------------
+
+
+def test_each_base_type_gets_its_layer_class_and_describes_its_delta(tiny_gpt2):
+    from c3a import C3AConv1D
+    from c3a.layer import c3a_layers, layer_class_for
+
+    class MyLinear(nn.Linear):  # a subclass gets its nearest listed ancestor's class, and is never folded into
+        pass
+
+    conv = C3ALinear(Conv1D(8, 12), "a", block_size=4)  # the documented constructor, on a Conv1D base
+    assert type(conv) is C3AConv1D and type(copy.deepcopy(conv)) is C3AConv1D
+    assert (conv.delta_shape, conv.get_delta_weight("a").shape) == ((8, 12), (12, 8))  # ΔW (out, in), laid out (in, out)
+    linear = C3ALinear(nn.Linear(12, 8), "a", block_size=4)
+    assert type(linear) is C3ALinear and (linear.delta_shape, linear.get_delta_weight("a").shape) == ((8, 12), (8, 12))
+    assert layer_class_for(MyLinear(12, 8)) is C3ALinear and not C3ALinear(MyLinear(12, 8), "a", 4)._fold_into_weight(
+        torch.randn(10**4, 12))
+    model = get_peft_model(tiny_gpt2, C3AConfig(block_size=8, target_modules=["c_attn"]))
+    assert {type(layer) for _, layer in c3a_layers(model)} == {C3AConv1D}
+    assert {layer.delta_shape for _, layer in c3a_layers(model)} == {(96, 32)}  # c_attn: 32 → 3·32
+
+
+def test_bitsandbytes_layers_are_listed_by_name():  # an optional package: it need not be installed
+    bnb = pytest.importorskip("bitsandbytes")
+    from c3a.layer import LAYER_CLASSES, layer_class_for
+
+    for kind in (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit):
+        assert LAYER_CLASSES[f"{kind.__module__}.{kind.__qualname__}"] is C3ALinear
+        assert layer_class_for(kind(32, 16)) is C3ALinear
+
+
+class Rows(nn.Module):
+    """A base layer kind C³A does not know: ``y = x·W + b`` with ``W`` stored ``(d_in, d_out)``, not a Linear."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_in, d_out))
+        self.bias = nn.Parameter(torch.randn(d_out))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+def test_a_new_base_kind_is_one_class_and_one_mapping_entry(monkeypatch):
+    from c3a.blocksize import target_shapes
+    from c3a.layer import LAYER_CLASSES
+
+    class C3ARows(C3ALinear):
+        fan_in_fan_out = True
+        plain_bases = ()  # not folded: only the FFT path
+
+        @classmethod
+        def base_features(cls, base):
+            return base.weight.shape[0], base.weight.shape[1]
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 12), Rows(12, 16))
+    config = C3AConfig(block_size=4, target_modules=["1"], init_weights="gaussian")
+    with pytest.raises(TypeError, match="Rows"):
+        get_peft_model(copy.deepcopy(net), config)
+    monkeypatch.setitem(LAYER_CLASSES, Rows, C3ARows)
+    assert target_shapes(net, ["1"]) == {"1": (12, 16)}
+    model = get_peft_model(copy.deepcopy(net), copy.deepcopy(config))
+    layer = model.base_model.model[1]
+    assert type(layer) is C3ARows and layer.delta_shape == (16, 12)
+    x = torch.randn(5, 8)
+    hidden = net[0](x)
+    expected = hidden @ net[1].weight + net[1].bias + hidden @ (circulant_matrix(layer.c3a_kernel["default"]) / 12).T
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+        model.merge_adapter()  # the delta goes into the (d_in, d_out) weight the right way round
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)

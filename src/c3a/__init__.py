@@ -8,7 +8,7 @@ from peft import PeftModel, get_peft_model
 
 from .config import C3AConfig
 from .functional import block_circular_conv, circulant_matrix
-from .layer import C3ALayer, C3ALinear
+from .layer import C3AConv1D, C3ALayer, C3ALinear
 from .tuner import C3AModel, peft_reference, register, unregister
 
 register()
@@ -20,7 +20,7 @@ def get_c3a_model(model, config: C3AConfig, adapter_name: str = "default", **kwa
 
 
 __all__ = [
-    "C3AConfig", "C3ALayer", "C3ALinear", "C3AModel", "block_circular_conv", "circulant_matrix", "get_c3a_model",
+    "C3AConfig", "C3AConv1D", "C3ALayer", "C3ALinear", "C3AModel", "block_circular_conv", "circulant_matrix", "get_c3a_model",
     "peft_reference", "register", "unregister",
 ]
 __version__ = "0.1.0"

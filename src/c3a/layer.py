@@ -1,10 +1,14 @@
-"""The C³A tuner layer: a frozen linear layer plus one or more block-circulant deltas (a PEFT ``BaseTunerLayer``)."""
+"""The C³A tuner layers: a frozen linear layer plus one or more block-circulant deltas (PEFT ``BaseTunerLayer``\ s).
+
+One class per kind of base layer, found through :data:`LAYER_CLASSES`: a new kind is one class (how to read its
+``(d_in, d_out)``, how its weight is laid out, whether its forward is a plain GEMM) and one entry there.
+"""
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence, Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge, check_target_module_exists
@@ -21,16 +25,9 @@ BASE_ADAPTER = "__base__"  # in ``adapter_names``: this row runs the base model 
 
 
 def linear_features(layer: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a supported base layer (``nn.Linear`` and its subclasses, such as
-    bitsandbytes' 8-/4-bit layers, and GPT-2's ``Conv1D``), else ``TypeError``."""
-    if isinstance(layer, nn.Linear):  # bnb's Linear8bitLt/Linear4bit too; their packed weights have other shapes
-        return layer.in_features, layer.out_features
-    if isinstance(layer, Conv1D):  # GPT-2 style: weight is (in, out)
-        return layer.weight.shape[0], layer.weight.shape[1]
-    raise TypeError(
-        f"C3A supports torch.nn.Linear (incl. bitsandbytes 8-/4-bit) and transformers Conv1D layers, not "
-        f"{type(layer).__module__}.{type(layer).__name__}"
-    )
+    """``(in_features, out_features)`` of a supported base layer, as its C³A layer class reads them (see
+    :func:`layer_class_for`), else ``TypeError``."""
+    return layer_class_for(layer).base_features(layer)
 
 
 def common_divisors(a: int, b: int) -> list[int]:
@@ -86,8 +83,26 @@ class C3ALayer(BaseTunerLayer):
         self._merged_kernels: dict[str, torch.Tensor] = {}
         self.kwargs = kwargs
         base = self.get_base_layer()
-        self.in_features, self.out_features = linear_features(base)
+        self.in_features, self.out_features = self.base_features(base)
         self.quantization_backend = resolve_quantization_backend(base)
+
+    # What a concrete class says about the base layers it wraps (one class per kind, see LAYER_CLASSES).
+    fan_in_fan_out: ClassVar[bool] = False  # the base weight is stored (d_in, d_out), as GPT-2's Conv1D does
+    plain_bases: ClassVar[tuple[type, ...]] = ()  # base types whose forward is exactly x·Wᵀ + b (foldable)
+
+    @classmethod
+    def base_features(cls, base: nn.Module) -> tuple[int, int]:
+        """``(d_in, d_out)`` of a base layer of the kind this class wraps."""
+        raise NotImplementedError
+
+    @property
+    def delta_shape(self) -> tuple[int, int]:
+        """``(d_out, d_in)`` of this layer's ΔW, whatever the layout of the base weight."""
+        return self.out_features, self.in_features
+
+    def to_base_layout(self, matrix: torch.Tensor) -> torch.Tensor:
+        """A ``(d_out, d_in)`` matrix laid out like the base weight (and back: the transpose is its own inverse)."""
+        return matrix.T if self.fan_in_fan_out else matrix
 
     def update_layer(
         self, adapter_name: str, block_size: int, init_weights: Any = "xavier_uniform", inference_mode: bool = False,
@@ -112,10 +127,9 @@ class C3ALayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def get_delta_weight(self, adapter: str, kernel: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The adapter's ``ΔW / d_in`` in fp32, laid out like the base weight (``(out, in)``; ``(in, out)`` for Conv1D)."""
+        """The adapter's ``ΔW / d_in`` in fp32, laid out like the base weight (:meth:`to_base_layout`)."""
         kernel = self.c3a_kernel[adapter] if kernel is None else kernel
-        delta = circulant_matrix(kernel.float()) / self.in_features
-        return delta.T if isinstance(self.get_base_layer(), Conv1D) else delta
+        return self.to_base_layout(circulant_matrix(kernel.float()) / self.in_features)
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -170,11 +184,25 @@ class C3ALayer(BaseTunerLayer):
 class C3ALinear(nn.Module, C3ALayer):
     """``y = W0 x + Σ_a C_blk(kernel_a) x / d_in`` over the active adapters ``a``.
 
-    ``W0`` is the frozen base layer: ``nn.Linear``, GPT-2's ``Conv1D``, or a bitsandbytes 8-/4-bit linear layer.
+    ``W0`` is the frozen base layer: ``nn.Linear`` or a subclass, such as a bitsandbytes 8-/4-bit linear layer
+    (served through PEFT's quantization backend: dequantized to merge, never folded). ``C3ALinear(base, ...)`` on
+    GPT-2's ``Conv1D`` gives a :class:`C3AConv1D`, the class :data:`LAYER_CLASSES` names for it.
     Every adapter sees the layer input; the ``1/d_in`` scale is the reference implementation's, so kernels
     are interchangeable with PEFT's C3A. ``forward(x, adapter_names=[...])`` routes each batch row through its
     own adapter (``"__base__"``: none), as PEFT's mixed-adapter batches do.
     """
+
+    plain_bases = (nn.Linear,)
+
+    def __new__(cls, base_layer: Optional[nn.Module] = None, *args: Any, **kwargs: Any):
+        # The documented constructor takes any supported base; copies and unpickling call __new__ without one.
+        if cls is C3ALinear and base_layer is not None:
+            cls = layer_class_for(base_layer)
+        return super().__new__(cls)
+
+    @classmethod
+    def base_features(cls, base: nn.Module) -> tuple[int, int]:
+        return base.in_features, base.out_features
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, block_size: int, init_weights: Any = "xavier_uniform",
@@ -200,8 +228,7 @@ class C3ALinear(nn.Module, C3ALayer):
         self._check_meta_input(x, kernels)  # before the base layer's own, less telling, device error
         if kernels and not args and not kwargs and self._fold_into_weight(x):
             base = self.base_layer
-            weight = base.weight.T if isinstance(base, Conv1D) else base.weight
-            return block_circulant_linear(x, weight, base.bias, kernels)
+            return block_circulant_linear(x, self.to_base_layout(base.weight), base.bias, kernels)
         exact = any(self.exact_delta.get(a, False) for a in self.active_adapters)
         return self._add_deltas(self.base_layer(x, *args, **kwargs), x, kernels, exact)
 
@@ -265,7 +292,7 @@ class C3ALinear(nn.Module, C3ALayer):
         (offloading) must run their own forward.
         """
         base = self.base_layer
-        if self.quantization_backend is not None or type(base) not in (nn.Linear, Conv1D):
+        if self.quantization_backend is not None or type(base) not in self.plain_bases:
             return False
         weight = base.weight
         if weight.dtype not in (torch.float32, torch.float64) or x.dtype != weight.dtype:
@@ -283,6 +310,41 @@ class C3ALinear(nn.Module, C3ALayer):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}"
+
+
+class C3AConv1D(C3ALinear):
+    """:class:`C3ALinear` over GPT-2's ``Conv1D``, whose weight is stored ``(d_in, d_out)``."""
+
+    fan_in_fan_out = True
+    plain_bases = (Conv1D,)
+
+    @classmethod
+    def base_features(cls, base: nn.Module) -> tuple[int, int]:
+        return base.weight.shape[0], base.weight.shape[1]
+
+
+# Base layer type → the C³A layer class that wraps it; a subclass of a listed type gets its nearest listed
+# ancestor's class. Types of optional packages are named "module.Class": they need not be installed.
+# bitsandbytes' layers are nn.Linear subclasses, listed to say that C3ALinear serves them on purpose.
+LAYER_CLASSES: dict[Union[type, str], type[C3ALayer]] = {
+    nn.Linear: C3ALinear,
+    Conv1D: C3AConv1D,
+    "bitsandbytes.nn.modules.Linear8bitLt": C3ALinear,
+    "bitsandbytes.nn.modules.Linear4bit": C3ALinear,
+}
+
+
+def layer_class_for(base: nn.Module) -> type[C3ALayer]:
+    """The C³A layer class :data:`LAYER_CLASSES` gives ``base``'s type (or its nearest listed ancestor), else
+    ``TypeError`` naming the type."""
+    for kind in type(base).__mro__:
+        found = LAYER_CLASSES.get(kind) or LAYER_CLASSES.get(f"{kind.__module__}.{kind.__qualname__}")
+        if found is not None:
+            return found
+    supported = ", ".join(k if isinstance(k, str) else f"{k.__module__}.{k.__qualname__}" for k in LAYER_CLASSES)
+    raise TypeError(
+        f"C3A supports {supported} layers (and their subclasses), not {type(base).__module__}.{type(base).__name__}"
+    )
 
 
 def c3a_layers(model: nn.Module) -> list[tuple[str, C3ALayer]]:

@@ -29,7 +29,7 @@ from torch import nn
 from .blocksize import as_block_size_config, choose_block_sizes
 from .config import C3AConfig, block_size_key_pattern, note_saved_state
 from .io import IncompleteCheckpointError, verify_checkpoint, weight_dtypes, weight_shapes, weights_files
-from .layer import BASE_ADAPTER, C3ALayer, C3ALinear, block_size_problem, targeted_shapes
+from .layer import BASE_ADAPTER, C3ALayer, block_size_problem, layer_class_for, targeted_shapes
 
 
 def pattern_block_size(config: peft.C3AConfig, name: str) -> int:
@@ -84,7 +84,7 @@ def _set_adapter_names(module, args, kwargs, adapter_names):
 
 
 class C3AModel(BaseTuner):
-    """Injects :class:`~c3a.layer.C3ALinear` layers as a :class:`~c3a.C3AConfig` (or ``peft.C3AConfig``) says.
+    """Injects C³A layers (the class :data:`~c3a.layer.LAYER_CLASSES` names for each target's type) as a :class:`~c3a.C3AConfig` (or ``peft.C3AConfig``) says.
 
     On top of PEFT's tuner machinery: every target's block size is checked (and ``"auto"`` resolved) before
     any module is replaced, so a bad config leaves the model as it was; ``adapter_names`` routes rows of a
@@ -180,7 +180,7 @@ class C3AModel(BaseTuner):
             target.update_layer(adapter_name, block_size, c3a_config.init_weights,
                                 inference_mode=c3a_config.inference_mode, exact_delta=exact_delta)  # fmt: skip
             return
-        new_module = C3ALinear(
+        new_module = layer_class_for(target)(
             target, adapter_name, block_size=block_size, init_weights=c3a_config.init_weights,
             inference_mode=c3a_config.inference_mode, exact_delta=exact_delta,
         )
