@@ -4,7 +4,14 @@ Importing ``c3a`` registers its tuner for ``peft_type="C3A"``: from then on PEFT
 uses c3a's exact, fast layers. :func:`c3a.tuner.peft_reference` gives PEFT's own implementation back for a block.
 """
 
-from peft import PeftModel, get_peft_model
+import logging
+
+# PEFT imports bitsandbytes, whose CPU backend warns at import that an optional kernel package is absent (it falls
+# back to its own kernels): nothing a user can act on. Quieted unless the user has set that logger's level.
+if logging.getLogger("bitsandbytes.backends.cpu.ops").level == logging.NOTSET:
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+from peft import PeftModel, get_peft_model  # noqa: E402
 
 from .config import C3AConfig
 from .functional import block_circular_conv, circulant_matrix

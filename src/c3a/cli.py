@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 # Exceptions that report a problem with the user's input, not a bug in c3a: printed as one line (exit 2).
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -35,6 +36,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _quiet_third_parties() -> None:
+    """Silence a notice that tells a c3a user nothing they can act on: transformers' deprecation of the
+    ``is_gradient_checkpointing`` property, which PEFT reads whenever it wraps a model (bitsandbytes' import notice
+    is quieted by ``c3a`` itself, which imports PEFT before any command runs)."""
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 class _Parser(argparse.ArgumentParser):
     """Bad arguments: one line naming the problem (and where to find the usage), exit 2."""
 
@@ -53,6 +61,7 @@ def main(argv: list[str] | None = None, *, one_line_errors: bool | None = None) 
     if one_line_errors is None:
         one_line_errors = argv is None
     argv = sys.argv[1:] if argv is None else argv
+    _quiet_third_parties()
     parser = _Parser(prog="c3a", description="C³A: circular convolution adaptation")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
