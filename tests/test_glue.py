@@ -12,7 +12,7 @@ from datasets import Dataset
 from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer, TrainerCallback
 
 from c3a.cli import main
-from c3a.experiments import glue, report, suite
+from c3a.experiments import glue, glue_tasks, report, suite
 from c3a.experiments.methods import MethodOptions, build_method
 from c3a.experiments.train import TrainConfig, fit, head_modules
 from c3a.paper_models import model_config, resolve_model
@@ -25,7 +25,7 @@ RUN = ["--max-train-samples", "16", "--validation-size", "8", "--epochs", "1", "
 
 
 def _rows(task: str, n: int, rng: np.random.Generator) -> list[dict]:
-    spec = glue.TASKS[task]
+    spec = glue_tasks.TASKS[task]
     rows = []
     for i in range(n):
         row = {c: " ".join(rng.choice(WORDS, rng.integers(3, 9))) for c in spec.text_columns}
@@ -55,7 +55,7 @@ def model_dir(tmp_path_factory) -> str:
 def data_dir(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("glue")
     rng = np.random.default_rng(0)
-    for task in glue.TASKS:
+    for task in glue_tasks.TASKS:
         _write_jsonl(path / task / "train.jsonl", _rows(task, 40, rng))
         _write_jsonl(path / task / "validation.jsonl", _rows(task, 12, rng))
     return str(path)
@@ -68,9 +68,9 @@ def _glue(model_dir, data_dir, out, task, method, *extra) -> dict:
 
 
 # -- c3a glue end to end ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("task", sorted(glue.TASKS))
+@pytest.mark.parametrize("task", sorted(glue_tasks.TASKS))
 def test_glue_runs_every_task(model_dir, data_dir, tmp_path, task):
-    spec = glue.TASKS[task]
+    spec = glue_tasks.TASKS[task]
     r = _glue(model_dir, data_dir, tmp_path, task, "c3a", "--block-size", "16", "--seed", "3")
     assert {"task", "method", "model", "seed", "trainable_params", "validation", "test", "peak_memory_bytes",
             "memory_kind", "train_seconds", "config"} <= set(r)  # fmt: skip
@@ -170,8 +170,8 @@ def test_glue_rejects_bad_options(model_dir, data_dir, tmp_path):
 
 # -- data -------------------------------------------------------------------------------------------------
 def test_load_task_every_schema(data_dir):
-    for task, spec in glue.TASKS.items():
-        raw = glue.load_task(task, data_dir)
+    for task, spec in glue_tasks.TASKS.items():
+        raw = glue_tasks.load_task(task, data_dir)
         assert set(spec.text_columns) | {"label"} <= set(raw["train"].column_names)
         labels = raw["validation"]["label"]
         assert all(isinstance(y, float) for y in labels) if spec.num_labels == 1 else set(labels) <= {0, 1}
@@ -181,40 +181,40 @@ def test_load_task_errors_name_file_and_line(tmp_path):
     _write_jsonl(tmp_path / "mrpc" / "train.jsonl", [{"sentence": "a b", "label": 0}])
     _write_jsonl(tmp_path / "mrpc" / "validation.jsonl", [{"sentence": "a b", "label": 0}])
     with pytest.raises(ValueError, match=r"mrpc/train\.jsonl:1: fields \['sentence1', 'sentence2'\] missing"):
-        glue.load_task("mrpc", str(tmp_path))
+        glue_tasks.load_task("mrpc", str(tmp_path))
     _write_jsonl(tmp_path / "sst2" / "train.jsonl", [{"sentence": "a b", "label": 0}, {"sentence": "a b", "label": 2}])
     _write_jsonl(tmp_path / "sst2" / "validation.jsonl", [{"sentence": "a b", "label": 0}])
     with pytest.raises(ValueError, match=r"sst2/train\.jsonl:2: label 2 is not an integer in 0\.\.1"):
-        glue.load_task("sst2", str(tmp_path))
+        glue_tasks.load_task("sst2", str(tmp_path))
     (tmp_path / "sst2" / "train.jsonl").write_text('{"sentence": "a b", "label": 0}\n\n{"sentence": "a b", "label": \n')
     with pytest.raises(ValueError, match=r"sst2/train\.jsonl:3: not valid JSON"):
-        glue.load_task("sst2", str(tmp_path))
+        glue_tasks.load_task("sst2", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="cola/train.jsonl"):
-        glue.load_task("cola", str(tmp_path))
+        glue_tasks.load_task("cola", str(tmp_path))
 
 
 def test_make_splits_protocol(data_dir):
-    raw = glue.load_task("mrpc", data_dir)
-    a = glue.make_splits(raw, seed=0, validation_size=10, max_train_samples=25, max_test_samples=5)
+    raw = glue_tasks.load_task("mrpc", data_dir)
+    a = glue_tasks.make_splits(raw, seed=0, validation_size=10, max_train_samples=25, max_test_samples=5)
     ids = {name: set(split["idx"]) for name, split in a.items()}
     assert (len(ids["train"]), len(ids["validation"]), len(ids["test"])) == (25, 10, 5)
     assert not ids["train"] & ids["validation"]  # validation is carved out of train
     assert ids["test"] <= set(raw["validation"]["idx"])  # the original validation split is the test set
-    b = glue.make_splits(raw, seed=1, validation_size=10, max_test_samples=5)
+    b = glue_tasks.make_splits(raw, seed=1, validation_size=10, max_test_samples=5)
     assert set(b["validation"]["idx"]) != ids["validation"] and len(b["train"]) == 30
     assert set(b["test"]["idx"]) == ids["test"]  # one test subset for every seed
-    assert set(glue.make_splits(raw, seed=0, validation_size=10)["validation"]["idx"]) == ids["validation"]
-    assert len(glue.make_splits(raw, seed=0)["validation"]) == 4  # default: 10% of train
+    assert set(glue_tasks.make_splits(raw, seed=0, validation_size=10)["validation"]["idx"]) == ids["validation"]
+    assert len(glue_tasks.make_splits(raw, seed=0)["validation"]) == 4  # default: 10% of train
     with pytest.raises(ValueError, match="validation size 40"):
-        glue.make_splits(raw, seed=0, validation_size=40)
+        glue_tasks.make_splits(raw, seed=0, validation_size=40)
 
 
 def test_tokenize_pairs_and_regression_labels(model_dir, data_dir):
     tokenizer = BertTokenizer.from_pretrained(model_dir)
     for task in ("stsb", "sst2"):
-        spec = glue.TASKS[task]
-        split = glue.load_task(task, data_dir)["train"].select(range(4))
-        encoded = glue.tokenize(split, tokenizer, spec, max_length=10, pad_to_max_length=True)
+        spec = glue_tasks.TASKS[task]
+        split = glue_tasks.load_task(task, data_dir)["train"].select(range(4))
+        encoded = glue_tasks.tokenize(split, tokenizer, spec, max_length=10, pad_to_max_length=True)
         assert set(encoded.column_names) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
         assert all(len(ids) == 10 for ids in encoded["input_ids"])
         second_segment = any(1 in types for types in encoded["token_type_ids"])
@@ -226,7 +226,7 @@ def test_tokenize_pairs_and_regression_labels(model_dir, data_dir):
 @pytest.mark.skipif(not (SHARED_DATA / "glue").is_dir(), reason="shared GLUE data (../shared/data/glue) not present")
 def test_shared_glue_data_loads():
     for task in ("sst2", "cola", "mrpc"):
-        raw = glue.load_task(task, str(SHARED_DATA / "glue"))
+        raw = glue_tasks.load_task(task, str(SHARED_DATA / "glue"))
         assert len(raw["train"]) > 1000 and len(raw["validation"]) > 100
 
 
@@ -238,27 +238,33 @@ def test_metrics_match_sklearn_and_scipy():
     rng = np.random.default_rng(0)
     labels, predictions = rng.integers(0, 2, 200), rng.integers(0, 2, 200)
     predictions[:120] = labels[:120]
-    assert glue.accuracy(predictions, labels) == pytest.approx(accuracy_score(labels, predictions), abs=1e-12)
-    assert glue.matthews_corrcoef(predictions, labels) == pytest.approx(matthews_corrcoef(labels, predictions), abs=1e-12)
+    assert glue_tasks.accuracy(predictions, labels) == pytest.approx(accuracy_score(labels, predictions), abs=1e-12)
+    assert glue_tasks.matthews_corrcoef(predictions, labels) == pytest.approx(matthews_corrcoef(labels, predictions), abs=1e-12)
     three, guess = rng.integers(0, 3, 100), rng.integers(0, 3, 100)
-    assert glue.matthews_corrcoef(guess, three) == pytest.approx(matthews_corrcoef(three, guess), abs=1e-12)
-    assert glue.matthews_corrcoef(np.ones(10, int), labels[:10]) == 0.0  # constant prediction
+    assert glue_tasks.matthews_corrcoef(guess, three) == pytest.approx(matthews_corrcoef(three, guess), abs=1e-12)
+    assert glue_tasks.matthews_corrcoef(np.ones(10, int), labels[:10]) == 0.0  # constant prediction
     x = rng.normal(size=300)
     y = x + rng.normal(size=300)
-    assert glue.pearson(x, y) == pytest.approx(pearsonr(x, y)[0], abs=1e-12)
+    assert glue_tasks.pearson(x, y) == pytest.approx(pearsonr(x, y)[0], abs=1e-12)
     ties_x, ties_y = np.round(x), np.round(y * 2) / 2  # many ties: average ranks matter
-    assert glue.spearman(ties_x, ties_y) == pytest.approx(spearmanr(ties_x, ties_y)[0], abs=1e-12)
-    assert glue.pearson(np.ones(5), x[:5]) == 0.0
+    assert glue_tasks.spearman(ties_x, ties_y) == pytest.approx(spearmanr(ties_x, ties_y)[0], abs=1e-12)
+    assert glue_tasks.pearson(np.ones(5), x[:5]) == 0.0
+
+
+def test_glue_keeps_the_names_that_moved_to_glue_tasks():
+    for name in ("TASKS", "Task", "METRICS", "accuracy", "matthews_corrcoef", "pearson", "spearman", "compute_metrics",
+                 "load_task", "make_splits", "tokenize"):
+        assert getattr(glue, name) is getattr(glue_tasks, name), name
 
 
 def test_compute_metrics_from_logits():
     from transformers import EvalPrediction
 
     logits = np.array([[0.1, 0.9], [2.0, -1.0], [0.3, 0.2], [-1.0, 1.0]])
-    out = glue.compute_metrics(glue.TASKS["cola"])(EvalPrediction(logits, np.array([1, 0, 1, 1])))
-    assert out == {"mcc": pytest.approx(glue.matthews_corrcoef(np.array([1, 0, 0, 1]), np.array([1, 0, 1, 1]))), "accuracy": 0.75}
+    out = glue_tasks.compute_metrics(glue_tasks.TASKS["cola"])(EvalPrediction(logits, np.array([1, 0, 1, 1])))
+    assert out == {"mcc": pytest.approx(glue_tasks.matthews_corrcoef(np.array([1, 0, 0, 1]), np.array([1, 0, 1, 1]))), "accuracy": 0.75}
     scores = np.array([[0.5], [1.5], [4.0]])
-    out = glue.compute_metrics(glue.TASKS["stsb"])(EvalPrediction(scores, np.array([1.0, 2.0, 3.0])))
+    out = glue_tasks.compute_metrics(glue_tasks.TASKS["stsb"])(EvalPrediction(scores, np.array([1.0, 2.0, 3.0])))
     assert set(out) == {"pearson", "spearman"} and out["spearman"] == pytest.approx(1.0)
 
 

@@ -66,3 +66,35 @@ def test_auto_block_size_follows_the_registry_rank():
     text = run_cli("params", "--model", "roberta-base", "--method", "c3a", "--block-size", "auto", "--rank", "16")
     assert "trainable parameters: 589,824" in text  # LoRA r=16: 24 layers x 16 x (768 + 768)
     assert "768×768: b=24" in text
+
+
+def test_a_new_method_is_one_registry_entry(tmp_path, monkeypatch):
+    """Builder, defaults, Table-1 terms and suite row in one Method: `c3a params`, `c3a glue` and the glue suite's
+    default rows all take it from there."""
+    import argparse
+    import dataclasses
+
+    from c3a.experiments import glue
+    from c3a.experiments.methods import METHODS, Complexity, Method, build_method
+
+    paper_rows = ("full", "bitfit", "ia3", "lora", "vera", "boft", "c3a")
+    assert glue._experiment().default_methods == paper_rows  # Table 2's rows, from the registry
+
+    def build_wide(model, opts):
+        return build_method(model, "lora", dataclasses.replace(opts, rank=2 * opts.rank))
+
+    wide = Method("lora-wide", build_wide, 1e-3, 0.0, "LoRA at twice the rank",
+                  complexity=Complexity("2r·(d1+d2)", "2r·(d1+d2)", "a test", lambda d1, d2, k: 2 * k["r"] * (d1 + d2),
+                                        lambda d1, d2, k: 2 * k["r"] * (d1 + d2), options=("rank",)),
+                  default_rows=(("glue", 8),))
+    monkeypatch.setitem(METHODS, "lora-wide", wide)
+    tiny_roberta().config.save_pretrained(tmp_path)
+    lora = json.loads(run_cli("params", "--model", str(tmp_path), "--method", "lora", "--rank", "4", "--json"))
+    report = json.loads(run_cli("params", "--model", str(tmp_path), "--method", "lora-wide", "--rank", "4", "--json"))
+    assert report["trainable_params"] == 2 * lora["trainable_params"] > 0
+    assert report["options"] == {"targets": ["query", "value"], "rank": 4}
+    assert report["complexity"]["space"] == "2r·(d1+d2)" and all(x["params"] == x["space"] for x in report["layers"])
+    assert glue._experiment().default_methods == (*paper_rows, "lora-wide")
+    parser = argparse.ArgumentParser()
+    glue.add_glue_arguments(parser)
+    assert parser.parse_args(["--task", "sst2", "--method", "lora-wide", "--model", "m"]).method == "lora-wide"

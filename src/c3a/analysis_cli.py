@@ -13,7 +13,7 @@ import os
 from collections import Counter, defaultdict
 
 from .argtypes import block_size, positive_int
-from .experiments.params import COMPLEXITY, count_parameters
+from .experiments.params import count_parameters, counted_methods
 from .export import to_lora
 from .rank import LayerRank, adapter_ranks
 
@@ -115,7 +115,7 @@ def add_params_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help=f"{', '.join([*PAPER_MODELS, *MODEL_SHORTCUTS])}, or any hub id / folder with a config.json "
                         "(config only)")
-    p.add_argument("--method", required=True, choices=list(COMPLEXITY))
+    p.add_argument("--method", required=True, choices=counted_methods())
     p.add_argument("--block-size", type=block_size, default="auto",
                    help='C³A block size, or "auto" (the default): per layer, within LoRA rank --rank\'s parameters')
     p.add_argument("--rank", type=positive_int, default=8,
