@@ -432,3 +432,8 @@ def test_a_local_folder_reads_exactly_its_split_files(tmp_path):
     (tmp_path / "test.jsonl").write_text('{"idx": 5, "question": "q"}\n{"idx": 6\n')
     with pytest.raises(ValueError, match=r"test\.jsonl:2: not valid JSON"):  # a bad row named by file and line
         load_source(str(tmp_path))
+
+
+def test_sft_leaves_no_empty_folder(tiny_llama, tmp_path):
+    _sft(tiny_llama, tmp_path, "--method", "lora", "--rank", "4", "--max-steps", "1", "--max-new-tokens", "2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.jsonl", "results.json"]

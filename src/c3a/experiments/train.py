@@ -188,6 +188,7 @@ def fit(
         logging_strategy="epoch",
         save_strategy="no",
         report_to="none",
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning without a GPU only warns
     )
     if not torch.cuda.is_available() and (int(os.environ.get("WORLD_SIZE", 1)) > 1 or config.training_args.get("bf16")):
         # without use_cpu, `torchrun` on a CPU-only machine trains every rank on its own (no DDP at all), and
@@ -224,6 +225,10 @@ def fit(
             row["validation"] = {k: v for k, v in _strip(log, "eval_").items() if k != "epoch"}
         elif "loss" in log:
             row["train_loss"] = log["loss"]
+    try:  # nothing is saved there (save_strategy "no"): leave no empty folder behind
+        os.rmdir(args.output_dir)
+    except OSError:
+        pass
     if keep_best.best is None:
         raise RuntimeError(f"validation produced no {metric!r}; metrics were {trainer.evaluate()}")
     return FitResult(
