@@ -529,3 +529,19 @@ def test_cli_data_errors_name_file_and_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(c3a.analysis_cli, "adapter_ranks", bug)
     with pytest.raises(KeyError):  # not a user error: the traceback stays
         main(["rank", str(tmp_path)])
+
+
+def test_outputs_apart_from_inputs(tmp_path):
+    from c3a.io import check_outputs_apart
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"x")
+    (tmp_path / "link").symlink_to(adapter / "adapter_model.safetensors")
+    inputs = {"ADAPTER": str(adapter), "--data": "org/hub-dataset"}
+    for out in [adapter, adapter / "adapter_model.safetensors", tmp_path / "link", adapter / "sub" / "x.png"]:
+        with pytest.raises(ValueError, match=r"--out .* would write over the input ADAPTER"):
+            check_outputs_apart({"--out": str(out)}, inputs)
+    check_outputs_apart({"--out": str(tmp_path / "export"), "--plot": None}, inputs)  # apart: fine
+    check_outputs_apart({"--out": str(tmp_path / "adapter-2")}, inputs)  # a shared name prefix is not a folder
+    check_outputs_apart({"--out": str(tmp_path)}, inputs)  # written into: the adapter beside its files is kept

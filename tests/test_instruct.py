@@ -437,3 +437,11 @@ def test_a_local_folder_reads_exactly_its_split_files(tmp_path):
 def test_sft_leaves_no_empty_folder(tiny_llama, tmp_path):
     _sft(tiny_llama, tmp_path, "--method", "lora", "--rank", "4", "--max-steps", "1", "--max-new-tokens", "2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.jsonl", "results.json"]
+
+
+def test_sft_refuses_to_write_into_its_inputs(tiny_llama, tmp_path):
+    before = sorted(p.name for p in (tiny_llama / "model").iterdir())
+    for out in (tiny_llama / "model", tiny_llama / "model" / "run", tiny_llama / "gsm8k.jsonl"):
+        with pytest.raises(ValueError, match="would write over the input"):
+            _sft(tiny_llama, out, "--method", "lora", "--max-steps", "1")
+    assert sorted(p.name for p in (tiny_llama / "model").iterdir()) == before

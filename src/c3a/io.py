@@ -237,3 +237,24 @@ def verify_checkpoint(folder: str, record: Optional[dict], config_name: str = "a
             "save, or two writers at once, replaced one of them); save the adapter again"
         )
     return path
+
+
+# -- outputs apart from inputs ----------------------------------------------------------------------------
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_outputs_apart(outputs: Mapping[str, Optional[str]], inputs: Mapping[str, Optional[str]]) -> None:
+    """Refuse, before any work, an output that would write over an input: ``{option: path}`` each, ``None``
+    skipped, symlinks resolved. An output may be neither an input file nor inside an input folder (an adapter, a
+    data or model folder). ValueError naming both options."""
+    for out_name, out in outputs.items():
+        if not out:
+            continue
+        o = os.path.realpath(out)
+        for in_name, source in inputs.items():
+            if not source or not os.path.exists(source):  # a hub id, or nothing local to protect
+                continue
+            i = os.path.realpath(source)
+            if _within(o, i):
+                raise ValueError(f"{out_name} {out} would write over the input {in_name} {source}: choose another path")

@@ -379,12 +379,14 @@ def run_sft(args: argparse.Namespace) -> int:
     from c3a.experiments.train import (
         end_distributed, fit, method_options, name_as_given, results_record, train_config, write_results,
     )
+    from c3a.io import check_outputs_apart
     from c3a.paper_models import resolve_model
 
     fmt = FORMATS[args.format]
     method = METHODS[args.method]
     out = args.out or os.path.join("c3a-sft", args.format, args.method, f"seed{args.seed}")
     max_new_tokens = args.max_new_tokens or fmt.max_new_tokens
+    check_outputs_apart({"--out": out}, {"--data": args.data, "--eval-data": args.eval_data, "--model": args.model})
     set_seed(args.seed)  # before the model: adapters are initialised from it
     data, data_config = (args.data, args.data_config) if args.data else fmt.data
     eval_raw = load_source(args.eval_data, args.eval_data_config) if args.eval_data else None
