@@ -1,4 +1,4 @@
-"""The C³A tuner layers: a frozen linear layer plus one or more block-circulant deltas (PEFT ``BaseTunerLayer``\ s).
+"""The C³A tuner layers: a frozen linear layer plus one or more block-circulant deltas (PEFT tuner layers).
 
 One class per kind of base layer, found through :data:`LAYER_CLASSES`: a new kind is one class (how to read its
 ``(d_in, d_out)``, how its weight is laid out, whether its forward is a plain GEMM) and one entry there.
@@ -71,6 +71,15 @@ class C3ALayer(BaseTunerLayer):
     adapter_layer_names = ("c3a_kernel",)
     other_param_names = ("block_size", "exact_delta")
 
+    # What a concrete class says about the base layers it wraps (one class per kind, see LAYER_CLASSES).
+    fan_in_fan_out: ClassVar[bool] = False  # the base weight is stored (d_in, d_out), as GPT-2's Conv1D does
+    plain_bases: ClassVar[tuple[type, ...]] = ()  # base types whose forward is exactly x·Wᵀ + b (foldable)
+
+    @classmethod
+    def base_features(cls, base: nn.Module) -> tuple[int, int]:
+        """``(d_in, d_out)`` of a base layer of the kind this class wraps."""
+        raise NotImplementedError
+
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.block_size: dict[str, int] = {}
@@ -85,15 +94,6 @@ class C3ALayer(BaseTunerLayer):
         base = self.get_base_layer()
         self.in_features, self.out_features = self.base_features(base)
         self.quantization_backend = resolve_quantization_backend(base)
-
-    # What a concrete class says about the base layers it wraps (one class per kind, see LAYER_CLASSES).
-    fan_in_fan_out: ClassVar[bool] = False  # the base weight is stored (d_in, d_out), as GPT-2's Conv1D does
-    plain_bases: ClassVar[tuple[type, ...]] = ()  # base types whose forward is exactly x·Wᵀ + b (foldable)
-
-    @classmethod
-    def base_features(cls, base: nn.Module) -> tuple[int, int]:
-        """``(d_in, d_out)`` of a base layer of the kind this class wraps."""
-        raise NotImplementedError
 
     @property
     def delta_shape(self) -> tuple[int, int]:

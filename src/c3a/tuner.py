@@ -84,7 +84,8 @@ def _set_adapter_names(module, args, kwargs, adapter_names):
 
 
 class C3AModel(BaseTuner):
-    """Injects C³A layers (the class :data:`~c3a.layer.LAYER_CLASSES` names for each target's type) as a :class:`~c3a.C3AConfig` (or ``peft.C3AConfig``) says.
+    """Injects C³A layers (for each target the class :data:`~c3a.layer.LAYER_CLASSES` names for its type) as a
+    :class:`~c3a.C3AConfig` (or ``peft.C3AConfig``) says.
 
     On top of PEFT's tuner machinery: every target's block size is checked (and ``"auto"`` resolved) before
     any module is replaced, so a bad config leaves the model as it was; ``adapter_names`` routes rows of a
