@@ -527,7 +527,7 @@ def test_cli_data_errors_name_file_and_line(tmp_path, capsys, monkeypatch):
         raise KeyError("a bug")
 
     monkeypatch.setattr(c3a.analysis_cli, "adapter_ranks", bug)
-    with pytest.raises(KeyError):  # not a user error: the traceback stays
+    with pytest.raises(KeyError, match="a bug"):  # not a user error: the traceback stays
         main(["rank", str(tmp_path)])
 
 
