@@ -470,8 +470,10 @@ FORMAT_TITLES = {"gsm8k": "GSM8K", "metamath": "MATH", "viggo": "ViGGO", "sql": 
 def _experiment():
     from c3a.experiments.suite import Experiment
 
+    from c3a.experiments.methods import default_methods
+
     return Experiment("sft", "Instruction tuning", {name: FORMAT_TITLES[name] for name in FORMATS}, "--format",
-                      add_sft_arguments, add_shared_arguments, default_methods=("none", "lora", "c3a"),
+                      add_sft_arguments, add_shared_arguments, default_methods=tuple(default_methods("sft")),
                       setting=SETTING, selects_by_loss=True,
                       extra_columns={"ViGGO slot F1": ("viggo", "slot_f1")})  # fmt: skip
 

@@ -243,12 +243,12 @@ METHODS: dict[str, Method] = {
                complexity=Complexity("(d1+d2)·log2(b) + d1·d2/b", "d1·d2/b", PAPER,
                                      lambda d1, d2, k: (d1 + d2) * math.log2(k["b"]) + d1 * d2 / k["b"],
                                      lambda d1, d2, k: d1 * d2 / k["b"], options=("block_size",)),
-               default_rows=(("glue", 7),)),
+               default_rows=(("glue", 7), ("sft", 3))),
         Method("lora", _peft(_lora), 1e-3, 0.0, "LoRA (PEFT)", HEAD_LR, _grid("lr", "3e-4", "1e-3", "3e-3"),
                CAUSAL_LM_LORA,
                complexity=Complexity("r·(d1+d2)", "r·(d1+d2)", PAPER, lambda d1, d2, k: k["r"] * (d1 + d2),
                                      lambda d1, d2, k: k["r"] * (d1 + d2), options=("rank",)),
-               default_rows=(("glue", 4),)),
+               default_rows=(("glue", 4), ("sft", 2))),
         Method("vera", _peft(_vera), 3e-2, 0.0, "VeRA (PEFT)", HEAD_LR, _grid("lr", "1e-2", "3e-2", "1e-1"),
                complexity=Complexity("r·(d1+d2)", "d1 + r",
                                      PAPER + "; the frozen random matrices are shared and not trained",
@@ -278,7 +278,8 @@ METHODS: dict[str, Method] = {
                complexity=Complexity("0", "d1·d2", "not in the paper's table: the weight itself is trained",
                                      lambda d1, d2, k: 0, lambda d1, d2, k: d1 * d2),
                default_rows=(("glue", 1),)),
-        Method("none", _none, 0.0, 0.0, "the pretrained model as it is, nothing trained (the floor)", trains=False),
+        Method("none", _none, 0.0, 0.0, "the pretrained model as it is, nothing trained (the floor)", trains=False,
+               default_rows=(("sft", 1),)),
     ]
 }
 
