@@ -545,3 +545,30 @@ def test_outputs_apart_from_inputs(tmp_path):
     check_outputs_apart({"--out": str(tmp_path / "export"), "--plot": None}, inputs)  # apart: fine
     check_outputs_apart({"--out": str(tmp_path / "adapter-2")}, inputs)  # a shared name prefix is not a folder
     check_outputs_apart({"--out": str(tmp_path)}, inputs)  # written into: the adapter beside its files is kept
+
+
+def test_commands_refuse_to_write_over_their_inputs(tmp_path):
+    """rank --plot into the adapter, export-lora over the adapter it reads (even with --overwrite), a suite or a
+    run whose --out lies in its data: one line, exit 2, nothing written."""
+    import subprocess
+    import sys
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(b"not read: refused before")
+    data = tmp_path / "data"
+    (data / "sst2").mkdir(parents=True)
+    runs = [
+        ["rank", str(adapter), "--plot", str(weights)],
+        ["export-lora", str(adapter), "--rank", "4", "--out", str(adapter), "--overwrite"],
+        ["glue", "--task", "sst2", "--method", "lora", "--model", "m", "--data-dir", str(data), "--out", str(data / "sst2")],
+        ["glue-suite", "--model", "m", "--data-dir", str(data), "--out", str(data / "grid")],
+        ["sft-suite", "--model", "m", "--tasks", "sql", "--task-options", f"sql:data={data}", "--out", str(data / "grid")],
+    ]
+    for argv in runs:
+        done = subprocess.run([sys.executable, "-m", "c3a.cli", *argv], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and "would write over the input" in done.stderr, (argv, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert weights.read_bytes() == b"not read: refused before" and sorted(p.name for p in tmp_path.rglob("*")) == [
+        "adapter", "adapter_model.safetensors", "data", "sst2"]

@@ -15,6 +15,7 @@ from collections import Counter, defaultdict
 from .argtypes import block_size, positive_int
 from .experiments.params import count_parameters, counted_methods
 from .export import to_lora
+from .io import check_outputs_apart
 from .rank import LayerRank, adapter_ranks
 
 
@@ -72,6 +73,7 @@ def _rank_summary(layers: list[LayerRank]) -> str:
 
 
 def run_rank(args: argparse.Namespace) -> int:
+    check_outputs_apart({"--plot": args.plot}, {f"ADAPTER {source}": source for source in args.adapter})
     per_adapter = {source: adapter_ranks(source) for source in args.adapter}
     layers = [layer for found in per_adapter.values() for layer in found]
     fraction = sum(layer.full_rank for layer in layers) / len(layers)
@@ -174,6 +176,7 @@ def add_export_lora_arguments(p: argparse.ArgumentParser) -> None:
 def run_export_lora(args: argparse.Namespace) -> int:
     from peft.utils import CONFIG_NAME
 
+    check_outputs_apart({"--out": args.out}, {"ADAPTER": args.adapter})
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise NotADirectoryError(f"--out {args.out} is a file; pass a folder")
     if os.path.isfile(os.path.join(args.out, CONFIG_NAME)) and not args.overwrite:

@@ -66,10 +66,12 @@ def run_glue(args: argparse.Namespace) -> int:
         end_distributed, evaluate, fit, head_modules, method_options, name_as_given, results_record,
         train_config, write_results,
     )
+    from c3a.io import check_outputs_apart
     from c3a.paper_models import resolve_model
 
     task = TASKS[args.task]
     out = args.out or os.path.join("c3a-glue", args.task, args.method, f"seed{args.seed}")
+    check_outputs_apart({"--out": out}, {"--data-dir": args.data_dir, "--model": args.model})
     config = train_config(args, os.path.join(out, "trainer"))
 
     set_seed(args.seed)  # before the model: the new head and the adapters are initialised from it

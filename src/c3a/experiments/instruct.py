@@ -473,7 +473,7 @@ def _experiment():
     from c3a.experiments.methods import default_methods
 
     return Experiment("sft", "Instruction tuning", {name: FORMAT_TITLES[name] for name in FORMATS}, "--format",
-                      add_sft_arguments, add_shared_arguments, default_methods=tuple(default_methods("sft")),
+                      add_sft_arguments, add_shared_arguments, default_methods=default_methods("sft"),
                       setting=SETTING, selects_by_loss=True,
                       extra_columns={"ViGGO slot F1": ("viggo", "slot_f1")})  # fmt: skip
 

@@ -119,10 +119,12 @@ def run_vit(args: argparse.Namespace) -> int:
         end_distributed, evaluate, fit, head_modules, method_options, name_as_given, results_record,
         train_config, write_results,
     )
+    from c3a.io import check_outputs_apart
     from c3a.paper_models import query_value_targets, resolve_model
 
     name = args.dataset or os.path.basename(os.path.normpath(args.data_dir))
     out = args.out or os.path.join("c3a-vit", name.replace("/", "_"), args.method, f"seed{args.seed}")
+    check_outputs_apart({"--out": out}, {"--data-dir": args.data_dir, "--model": args.model})
     set_seed(args.seed)  # before the model: the new head and the adapters are initialised from it
     raw, image_column, label_column = find_columns(
         load_images(args.dataset, args.data_dir, args.dataset_config), args.image_column, args.label_column
