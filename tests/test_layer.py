@@ -118,6 +118,20 @@ def test_unsupported_layer_type_and_bad_block_size():
         C3ALinear(nn.Linear(32, 16), "a", block_size=5)
 
 
+def test_a_base_whose_forward_is_replaced_runs_it():
+    """Hooks that replace ``forward`` on the instance (diffusers' layerwise casting and offloading) must run: the
+    delta is not folded into a weight they may keep elsewhere or in a storage dtype."""
+    torch.manual_seed(0)
+    layer = _layer(nn.Linear(64, 64), ("a", 16))
+    x = torch.randn(256, 64)  # enough tokens that a plain base folds
+    assert layer._fold_into_weight(x)
+    base = layer.base_layer
+    plain_forward = base.forward
+    base.forward = lambda inputs: plain_forward(inputs) + 1  # stands in for what such a hook does
+    expected = base(x) + x @ (circulant_matrix(layer.c3a_kernel["a"].detach()) / 64).T
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_autocast_uses_the_fft_path():
     """Under bf16 autocast the delta is not folded into a weight that autocast would round to bf16."""
     torch.manual_seed(0)
@@ -214,6 +228,33 @@ def test_unmerge_restores_base_after_kernel_changed_while_merged():
     x = torch.randn(4, 16)
     torch.testing.assert_close(layer(x), nn.functional.linear(x, _dense_weight(layer, "ab"), base.bias),
                                rtol=1e-5, atol=1e-5)  # the changed kernels count from now on
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_disabling_a_merged_layer_and_enabling_it_restores_the_weight_bit_for_bit(monkeypatch, dtype):
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8).to(dtype)
+    layer = _layer(copy.deepcopy(base), ("a", 4), ("b", 8))
+    layer.merge()
+    merged = layer.base_layer.weight.detach().clone()
+    real = C3ALinear._remerged
+
+    def rounding_otherwise(self, weight, adapters, kernels):  # as if merge∘unmerge were not the identity
+        out = real(self, weight, adapters, kernels)
+        out.view(-1)[::3] = torch.nextafter(out.view(-1)[::3], torch.tensor(float("inf"), dtype=out.dtype))
+        return out
+
+    monkeypatch.setattr(C3ALinear, "_remerged", rounding_otherwise)
+    layer.enable_adapters(False)
+    x = torch.randn(3, 16).to(dtype)
+    assert not layer.merged and torch.equal(layer(x), layer.base_layer(x))
+    torch.testing.assert_close(layer.base_layer.weight, base.weight, rtol=0, atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+    with torch.no_grad():  # changed while disabled: merging back restores the merged state, old kernels included
+        layer.c3a_kernel["a"].add_(1)
+    layer.enable_adapters(True)
+    assert layer.merged_adapters == ["a", "b"] and torch.equal(layer.base_layer.weight, merged)
+    layer.unmerge()  # subtracts the kernels as merged
+    torch.testing.assert_close(layer.base_layer.weight, base.weight, rtol=0, atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
 
 
 def test_training_while_merged_warns():

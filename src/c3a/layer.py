@@ -75,6 +75,10 @@ class C3ALayer(BaseTunerLayer):
     fan_in_fan_out: ClassVar[bool] = False  # the base weight is stored (d_in, d_out), as GPT-2's Conv1D does
     plain_bases: ClassVar[tuple[type, ...]] = ()  # base types whose forward is exactly x·Wᵀ + b (foldable)
 
+    # What ``enable_adapters(False)`` unmerged, to merge back bit for bit on enable: (adapters in merge order,
+    # their kernels as merged, (flat indices, values) of merged-weight entries a re-merge would round otherwise).
+    _merged_before_disable: Optional[tuple[list[str], dict[str, torch.Tensor], Optional[tuple]]] = None
+
     @classmethod
     def base_features(cls, base: nn.Module) -> tuple[int, int]:
         """``(d_in, d_out)`` of a base layer of the kind this class wraps."""
@@ -90,6 +94,7 @@ class C3ALayer(BaseTunerLayer):
         # The kernels as they were merged (fp32 copies, small): unmerge subtracts exactly what was added, even if
         # a kernel changed meanwhile.
         self._merged_kernels: dict[str, torch.Tensor] = {}
+        self._merged_before_disable = None
         self.kwargs = kwargs
         base = self.get_base_layer()
         self.in_features, self.out_features = self.base_features(base)
@@ -131,6 +136,10 @@ class C3ALayer(BaseTunerLayer):
         kernel = self.c3a_kernel[adapter] if kernel is None else kernel
         return self.to_base_layout(circulant_matrix(kernel.float()) / self.in_features)
 
+    def _merged_weight(self, weight: torch.Tensor, adapter: str, kernel: torch.Tensor) -> torch.Tensor:
+        """``weight + ΔW(kernel)`` in fp32 (not yet rounded to the weight's dtype): merge's one formula."""
+        return weight.float() + self.get_delta_weight(adapter, kernel).to(weight.device)
+
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add the (active or named) adapters' deltas to the base weight, in fp32, rounded once to its dtype.
@@ -143,6 +152,7 @@ class C3ALayer(BaseTunerLayer):
         adapter_names = [a for a in adapter_names if a in self.c3a_kernel]
         if not adapter_names:
             return
+        self._merged_before_disable = None  # an explicit merge supersedes what disabling would have restored
         if self.quantization_backend is not None:
             warnings.warn(
                 f"Merging C3A adapters into a {self.quantization_backend.backend_name} quantized layer: the merged "
@@ -154,7 +164,7 @@ class C3ALayer(BaseTunerLayer):
         for adapter in adapter_names:
             weight = self.get_base_weight()
             kernel = self.c3a_kernel[adapter].detach().float().clone()
-            merged = weight.float() + self.get_delta_weight(adapter, kernel).to(weight.device)
+            merged = self._merged_weight(weight, adapter, kernel)
             if not torch.isfinite(merged).all():
                 raise ValueError(
                     f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken: merging it gives "
@@ -167,15 +177,72 @@ class C3ALayer(BaseTunerLayer):
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract what :meth:`merge` added — the kernels as they were then, even if they changed since."""
+        self._merged_before_disable = None  # an explicit unmerge: enabling must not merge back
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
+        self._unmerge_all()
+
+    def _unmerge_all(self) -> None:
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             kernel = self._merged_kernels.pop(adapter)
             weight = self.get_base_weight()
             delta = self.get_delta_weight(adapter, kernel).to(weight.device)
             self.set_base_weight((weight.float() - delta).to(weight.dtype))
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """PEFT's switch, keeping the merged state: disabling unmerges the merged adapters (the base layer alone
+        must run) and enabling merges them back, the base weight bit for bit as it was — also when the disabled
+        block ended in an exception (``PeftModel.disable_adapter`` enables in a ``finally``)."""
+        if not enabled and self.merged:
+            self._unmerge_until_enabled()
+        super().enable_adapters(enabled)
+        if enabled and self._merged_before_disable is not None:
+            self._merge_back()
+
+    @torch.no_grad()
+    def _unmerge_until_enabled(self) -> None:
+        adapters = list(self.merged_adapters)
+        kernels = {a: self._merged_kernels[a] for a in adapters}
+        merged = self.get_base_weight() if self.quantization_backend is None else None
+        self._unmerge_all()
+        patch = None
+        if merged is not None:
+            # Re-merging rounds the same sums again; keep the (rare) entries where it would not give the merged
+            # weight back bit for bit, rather than rely on merge∘unmerge being the identity in floating point.
+            again = self._remerged(self.get_base_weight(), adapters, kernels)
+            bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[merged.element_size()]
+            flat = merged.reshape(-1)
+            index = (again.reshape(-1).view(bits) != flat.view(bits)).nonzero().squeeze(1)
+            patch = (index, flat[index].clone())
+        self._merged_before_disable = (adapters, kernels, patch)
+
+    def _remerged(self, weight: torch.Tensor, adapters: list[str], kernels: dict[str, torch.Tensor]) -> torch.Tensor:
+        for adapter in adapters:  # as merge does it: one rounding to the weight's dtype per adapter
+            weight = self._merged_weight(weight, adapter, kernels[adapter]).to(weight.dtype)
+        return weight.contiguous()
+
+    @torch.no_grad()
+    def _merge_back(self) -> None:
+        adapters, kernels, patch = self._merged_before_disable
+        self._merged_before_disable = None
+        missing = [a for a in adapters if a not in self.c3a_kernel]
+        if missing:
+            warnings.warn(f"C3A adapter(s) {missing} were deleted while adapters were disabled; {adapters} stay "
+                          "unmerged", UserWarning)
+            return
+        if patch is None:  # quantized: each merge re-quantizes, as merge() does
+            for adapter in adapters:
+                weight = self.get_base_weight()
+                self.set_base_weight(self._merged_weight(weight, adapter, kernels[adapter]).to(weight.dtype))
+        else:
+            weight = self._remerged(self.get_base_weight(), adapters, kernels)
+            index, values = patch
+            weight.view(-1)[index] = values.to(weight.device)
+            self.set_base_weight(weight)
+        self.merged_adapters = list(adapters)
+        self._merged_kernels = dict(kernels)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True  # get_delta_weight is the dense delta in the base weight's layout: PEFT's converter applies
@@ -216,8 +283,8 @@ class C3ALinear(nn.Module, C3ALayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
         if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
+            if self.merged:  # merged while disabled: unmerged until enabled, as disabling does
+                self._unmerge_until_enabled()
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
@@ -300,7 +367,9 @@ class C3ALinear(nn.Module, C3ALayer):
         device = x.device.type  # autocast would run the folded GEMM in its dtype; meta has none (asking raises)
         if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
             return False
-        if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+        # A forward replaced on the instance (accelerate's and diffusers' hooks: offloading, layerwise casting)
+        # must run: the weight may be elsewhere or in a storage dtype.
+        if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook") or "forward" in vars(base):
             return False
         tokens = x.numel() // self.in_features
         return FOLD_RATIO * tokens * (self.in_features + self.out_features) >= self.in_features * self.out_features
