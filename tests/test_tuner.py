@@ -1,5 +1,6 @@
 """c3a's tuner through PEFT's entry points: injection, adapters, merging, save/load both ways with PEFT's reference."""
 
+import contextlib
 import copy
 import json
 
@@ -118,6 +119,64 @@ def test_disable_adapter_and_merge(tiny_bert, token_ids):
     torch.testing.assert_close(_logits(model, token_ids), adapted, rtol=1e-5, atol=1e-5)
     with model.disable_adapter():
         torch.testing.assert_close(_logits(model, token_ids), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logits(model, token_ids), adapted, rtol=1e-5, atol=1e-5)
+
+
+def _state(model):
+    """What set_adapter / disable_adapter may change: active adapters, merged adapters, trainable kernels, weights."""
+    return (
+        copy.copy(model.base_model.active_adapter),
+        [(list(layer.active_adapters), list(layer.merged_adapters), layer.get_base_layer().weight.detach().clone())
+         for _, layer in c3a_layers(model)],
+        {n for n, p in model.named_parameters() if p.requires_grad},
+    )
+
+
+def _same_state(a, b) -> bool:
+    (active_a, layers_a, grad_a), (active_b, layers_b, grad_b) = a, b
+    return active_a == active_b and grad_a == grad_b and all(
+        x[:2] == y[:2] and torch.equal(x[2], y[2]) for x, y in zip(layers_a, layers_b, strict=True))
+
+
+def test_set_adapter_refuses_unknown_names_and_changes_nothing(tiny_bert, token_ids):
+    model = get_peft_model(copy.deepcopy(tiny_bert), C3AConfig(block_size=8, target_modules=QV, init_weights="gaussian"))
+    model.add_adapter("other", C3AConfig(block_size=16, target_modules=QV, init_weights="gaussian"))
+    before, logits = _state(model), _logits(model, token_ids)
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) 'nope'; the model's adapters are \['default', 'other'\]"):
+        model.base_model.set_adapter("nope")
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) 'nope', 'x'; .*nothing was changed"):
+        model.base_model.set_adapter(["other", "nope", "x"])
+    with pytest.raises(ValueError, match="nope"):
+        model.set_adapter("nope")  # PeftModel checks a single name itself
+    assert _same_state(_state(model), before)
+    assert torch.equal(_logits(model, token_ids), logits)
+    model.base_model.set_adapter(["other", "default"])  # known names still switch
+    assert all(layer.active_adapters == ["other", "default"] for _, layer in c3a_layers(model))
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_disable_adapter_restores_the_merged_model_exactly(tiny_bert, token_ids, fails):
+    ref = _logits(tiny_bert, token_ids)
+    model = get_peft_model(copy.deepcopy(tiny_bert), C3AConfig(block_size=8, target_modules=QV, init_weights="gaussian"))
+    model.merge_adapter()
+    before, merged = _state(model), _logits(model, token_ids)
+    with pytest.raises(RuntimeError, match="inside the block") if fails else contextlib.nullcontext():
+        with model.disable_adapter():
+            torch.testing.assert_close(_logits(model, token_ids), ref, rtol=1e-4, atol=1e-4)  # the base model runs
+            if fails:
+                raise RuntimeError("inside the block")
+    # merged again, the weights bit for bit as they were (the body's forward had unmerged them)
+    assert _same_state(_state(model), before)
+    assert torch.equal(_logits(model, token_ids), merged)
+
+
+def test_explicit_unmerge_while_disabled_is_kept(tiny_bert, token_ids):
+    model = get_peft_model(copy.deepcopy(tiny_bert), C3AConfig(block_size=8, target_modules=QV, init_weights="gaussian"))
+    adapted = _logits(model, token_ids)
+    model.merge_adapter()
+    with model.disable_adapter(), pytest.warns(UserWarning, match="Already unmerged"):
+        model.unmerge_adapter()  # the user's choice: not merged back on leaving the block
+    assert not any(layer.merged for _, layer in c3a_layers(model))
     torch.testing.assert_close(_logits(model, token_ids), adapted, rtol=1e-5, atol=1e-5)
 
 

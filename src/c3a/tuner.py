@@ -13,6 +13,7 @@ import os
 import sys
 import warnings
 from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import partial
 from typing import Any, Iterator, Optional
 
@@ -78,8 +79,18 @@ class _ModelState:
             setattr(self.tuner_obj, k, v)
 
 
-def _set_adapter_names(module, args, kwargs, adapter_names):
-    kwargs["adapter_names"] = adapter_names
+# The ``adapter_names`` of the mixed-batch calls running in this thread (or task), by ``id`` of their tuner: per
+# context, so concurrent calls on one model never see each other's routing (each call's hooks read it here, not
+# from the hook: all hooks of concurrent calls do the same), and a call of another c3a model made inside one
+# (from a hook, say) is not routed by it. Never mutated: each call sets a new dict.
+_ROUTING: ContextVar[dict[int, list[str]]] = ContextVar("c3a_adapter_names", default={})
+
+
+def _route(module, args, kwargs, key: int):
+    names = _ROUTING.get().get(key)
+    if names is None:  # a call without adapter_names, concurrent with one that has them
+        return None
+    kwargs["adapter_names"] = names
     return args, kwargs
 
 
@@ -192,7 +203,8 @@ class C3AModel(BaseTuner):
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         """``adapter_names=[...]`` (one per batch row, ``"__base__"`` for none) reaches every C³A layer and
-        ``modules_to_save`` wrapper of this forward or ``generate`` call."""
+        ``modules_to_save`` wrapper of this forward or ``generate`` call — of this call only: concurrent calls
+        (threads) with other names or none each get their own routing; no hook outlives the call."""
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             yield
@@ -211,17 +223,30 @@ class C3AModel(BaseTuner):
         beams = kwargs.get("num_beams")
         if isinstance(beams, int) and beams > 1:  # generate repeats every row num_beams times
             adapter_names = [name for name in adapter_names for _ in range(beams)]
-        hook = partial(_set_adapter_names, adapter_names=list(adapter_names))
-        handles = [
-            module.register_forward_pre_hook(hook, with_kwargs=True)
-            for module in self.modules()
-            if isinstance(module, (C3ALayer, AuxiliaryTrainingWrapper))
-        ]
+        token = _ROUTING.set({**_ROUTING.get(), id(self): list(adapter_names)})
+        hook = partial(_route, key=id(self))
+        handles = []
         try:
+            for module in self.modules():
+                if isinstance(module, (C3ALayer, AuxiliaryTrainingWrapper)):
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
             yield
         finally:
             for handle in handles:
                 handle.remove()
+            _ROUTING.reset(token)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """PEFT's ``set_adapter``, refusing names that are not adapters of this model before changing anything
+        (PEFT's would point every layer at a missing adapter: the model silently runs none)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(
+                f"unknown adapter(s) {', '.join(map(repr, unknown))}; the model's adapters are "
+                f"{sorted(self.peft_config)}; nothing was changed"
+            )
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
 
 
 def _loading_weights_now() -> bool:
