@@ -180,6 +180,22 @@ def test_explicit_unmerge_while_disabled_is_kept(tiny_bert, token_ids):
     torch.testing.assert_close(_logits(model, token_ids), adapted, rtol=1e-5, atol=1e-5)
 
 
+def test_peft_disable_input_dtype_casting_works_on_a_c3a_model(tiny_bert, token_ids):
+    from peft.helpers import disable_input_dtype_casting
+
+    # a bf16 base with fp32 kernels: where PEFT's LoRA would cast the input to its weights' dtype
+    model = get_peft_model(copy.deepcopy(tiny_bert).to(torch.bfloat16),
+                           C3AConfig(block_size=8, target_modules=QV, init_weights="gaussian"))
+    layers = [layer for _, layer in c3a_layers(model)]
+    assert layers[0].c3a_kernel["default"].dtype == torch.float32
+    expected = _logits(model, token_ids)
+    with disable_input_dtype_casting(model):
+        assert not any(layer.cast_input_dtype_enabled for layer in layers)
+        casting_off = _logits(model, token_ids)
+    assert all(layer.cast_input_dtype_enabled for layer in layers)
+    assert torch.equal(casting_off, expected)  # C3A never casts the input: nothing changes
+
+
 def test_merge_unmerge_and_unload(tiny_bert, token_ids):
     model = get_peft_model(copy.deepcopy(tiny_bert), C3AConfig(block_size=8, target_modules=QV))
     _randomize(model)

@@ -75,6 +75,10 @@ class C3ALayer(BaseTunerLayer):
     fan_in_fan_out: ClassVar[bool] = False  # the base weight is stored (d_in, d_out), as GPT-2's Conv1D does
     plain_bases: ClassVar[tuple[type, ...]] = ()  # base types whose forward is exactly x·Wᵀ + b (foldable)
 
+    # PEFT's switch (``peft.helpers.disable_input_dtype_casting``, diffusers' layerwise casting). C³A never casts
+    # the layer input to the kernels' dtype: the operator reads ``x`` in its own dtype and returns the delta in
+    # the base output's dtype, so both settings compute the same; the flag exists so that those helpers work.
+    cast_input_dtype_enabled: bool = True
     # What ``enable_adapters(False)`` unmerged, to merge back bit for bit on enable: (adapters in merge order,
     # their kernels as merged, (flat indices, values) of merged-weight entries a re-merge would round otherwise).
     _merged_before_disable: Optional[tuple[list[str], dict[str, torch.Tensor], Optional[tuple]]] = None
