@@ -9,6 +9,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 import c3a
 from c3a import C3AConfig, C3ALinear, circulant_matrix
@@ -524,3 +525,107 @@ def test_exact_delta_flag_reaches_the_operator(tiny_bert, monkeypatch, tmp_path)
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["exact_delta"] is True
     assert "exact_delta" not in C3AConfig(block_size=8).to_dict()  # written only when set: PEFT-clean otherwise
+
+
+# -- add_weighted_adapter: Σ wᵢ·kernelᵢ is the exact combination -------------------------------------------
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8)).double()
+
+
+def _mlp_config(**kw):
+    settings = dict(block_size=4, block_size_pattern={"2": 8}, target_modules=["0", "2"], init_weights="gaussian")
+    return C3AConfig(**{**settings, **kw})
+
+
+def test_add_weighted_adapter_is_the_exact_weighted_sum(tmp_path):
+    model = get_peft_model(_mlp(), _mlp_config())
+    model.add_adapter("b", _mlp_config())
+    model.add_adapter("e", _mlp_config())  # a name inside "c3a_" would make PEFT warn
+    names, weights = ["default", "b", "e"], [0.5, -1.25, 2.0]
+    model.add_weighted_adapter(names, weights, "mix")
+    assert model.base_model.active_adapters == ["default"] and "mix" in model.peft_config
+    g = torch.Generator().manual_seed(1)
+    for _, layer in c3a_layers(model):
+        assert layer.c3a_kernel["mix"].dtype == torch.float64 and not layer.c3a_kernel["mix"].requires_grad
+        assert layer.block_size["mix"] == layer.block_size["default"]
+        x = torch.randn(5, layer.in_features, dtype=torch.float64, generator=g)
+        with torch.no_grad():
+            base = layer.base_layer(x)
+            out = {}
+            for name in [*names, "mix"]:
+                layer.set_adapter(name)
+                out[name] = layer(x)
+        expected = base + sum(w * (out[name] - base) for name, w in zip(names, weights))
+        assert not torch.allclose(out["mix"], base)
+        torch.testing.assert_close(out["mix"], expected, rtol=1e-12, atol=1e-12)
+    # a regular adapter: saved and loaded like any other
+    model.base_model.set_adapter("mix")
+    model.save_pretrained(tmp_path, selected_adapters=["mix"])
+    loaded = PeftModel.from_pretrained(_mlp(), tmp_path / "mix")
+    x = torch.randn(3, 16, dtype=torch.float64, generator=g)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("case, match", [
+    ("svd", "combination_type 'svd' is not supported for C3A adapters, only 'linear'"),
+    ("cat", "combination_type 'cat' is not supported"),
+    ("block sizes", r"combined exactly .*: 0 has block sizes 4 \('default'\), 8 \('b'\)"),
+    ("targets", r"combined exactly .*: 2 is adapted by 'default' but not by 'b'"),
+    ("unknown", r"unknown adapter\(s\) 'nope'; the model's adapters are \['b', 'default'\]"),
+    ("weights", "2 adapters but 1 weights"),
+    ("existing", "adapter 'b' already exists"),
+    ("modules_to_save", r"adapter 'b' trains whole modules \(2: modules_to_save"),
+])
+def test_add_weighted_adapter_refuses_what_does_not_combine_exactly(case, match):
+    first = dict(target_modules=["0"]) if case == "modules_to_save" else {}
+    model = get_peft_model(_mlp(), _mlp_config(**first))
+    other = {"block sizes": dict(block_size=8), "targets": dict(target_modules=["0"]),
+             "modules_to_save": dict(target_modules=["0"], modules_to_save=["2"])}.get(case, {})
+    model.add_adapter("b", _mlp_config(**other))
+    args = {"svd": (["default", "b"], [1, 1], "mix", "svd"), "cat": (["default", "b"], [1, 1], "mix", "cat"),
+            "unknown": (["default", "nope"], [1, 1], "mix"), "weights": (["default", "b"], [1], "mix"),
+            "existing": (["default"], [1], "b")}.get(case, (["default", "b"], [1, 1], "mix"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    configs = dict(model.peft_config)
+    with pytest.raises(ValueError, match=match):
+        model.add_weighted_adapter(*args)
+    after = dict(model.named_parameters())
+    assert model.peft_config == configs and after.keys() == before.keys()
+    assert all(torch.equal(after[n], p) for n, p in before.items())
+
+
+def test_add_weighted_adapter_failing_midway_changes_nothing(monkeypatch):
+    model = get_peft_model(_mlp(), _mlp_config())
+    model.add_adapter("b", _mlp_config())
+    before, configs = {n: p.detach().clone() for n, p in model.named_parameters()}, dict(model.peft_config)
+    real, calls = c3a.C3AModel._create_and_replace, []
+
+    def second_layer_fails(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(c3a.C3AModel, "_create_and_replace", second_layer_fails)
+    with pytest.raises(RuntimeError, match="simulated"):
+        model.add_weighted_adapter(["default", "b"], [1, 1], "mix")
+    after = dict(model.named_parameters())
+    assert model.peft_config == configs and after.keys() == before.keys()
+    assert all(torch.equal(after[n], p) for n, p in before.items())
+
+
+def test_add_weighted_adapter_checks_the_layers_it_built(monkeypatch):
+    model = get_peft_model(_mlp(), _mlp_config())
+    model.add_adapter("b", _mlp_config())
+    before, configs = {n: p.detach().clone() for n, p in model.named_parameters()}, dict(model.peft_config)
+    monkeypatch.setattr("c3a.tuner.pattern_block_size", lambda config, name: 2)  # a config read otherwise
+    with pytest.raises(ValueError, match="'default''s config does not rebuild its own layers and block sizes"):
+        model.add_weighted_adapter(["default", "b"], [1, 1], "mix")
+    after = dict(model.named_parameters())
+    assert model.peft_config == configs and after.keys() == before.keys()
+    assert all(torch.equal(after[n], p) for n, p in before.items())
+    assert model.base_model.active_adapters == ["default"]

@@ -30,7 +30,7 @@ from torch import nn
 from .blocksize import as_block_size_config, choose_block_sizes
 from .config import C3AConfig, block_size_key_pattern, note_saved_state
 from .io import IncompleteCheckpointError, verify_checkpoint, weight_dtypes, weight_shapes, weights_files
-from .layer import BASE_ADAPTER, C3ALayer, block_size_problem, layer_class_for, targeted_shapes
+from .layer import BASE_ADAPTER, C3ALayer, block_size_problem, c3a_layers, layer_class_for, targeted_shapes
 
 
 def pattern_block_size(config: peft.C3AConfig, name: str) -> int:
@@ -100,7 +100,8 @@ class C3AModel(BaseTuner):
 
     On top of PEFT's tuner machinery: every target's block size is checked (and ``"auto"`` resolved) before
     any module is replaced, so a bad config leaves the model as it was; ``adapter_names`` routes rows of a
-    batch through different adapters in ``forward`` and ``generate``.
+    batch through different adapters in ``forward`` and ``generate`` (per call: threads may share the model);
+    :meth:`add_weighted_adapter` combines adapters exactly.
     """
 
     prefix: str = "c3a_"
@@ -247,6 +248,85 @@ class C3AModel(BaseTuner):
                 f"{sorted(self.peft_config)}; nothing was changed"
             )
         super().set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "linear",
+        svd_rank: Optional[int] = None, svd_clamp: Optional[float] = None, svd_full_matrices: bool = True,
+        svd_driver: Optional[str] = None, density: Optional[float] = None, majority_sign_method: str = "total",
+    ) -> None:
+        """Add ``adapter_name``, whose ΔW is ``Σ wᵢ·ΔWᵢ`` in every layer, exactly: ΔW is linear in the kernel,
+        so its kernel is ``Σ wᵢ·kernelᵢ`` (summed in fp64, stored in the kernels' dtype). No SVD: the result
+        is an adapter of the same block sizes, not an approximation.
+
+        PEFT's ``LoraModel.add_weighted_adapter`` call shape; only ``combination_type="linear"`` is supported
+        (the SVD and pruning types would approximate what is exact here; "cat" would need a wider kernel, which
+        a block-circulant layer does not have), so the ``svd_*``, ``density`` and ``majority_sign_method``
+        arguments of those types are unused. The adapters must adapt the same layers with the same block sizes
+        and have no ``modules_to_save`` (whole modules do not combine exactly). The new adapter is inactive and
+        frozen, as PEFT's; any refusal (a ``ValueError`` saying what differs) changes nothing.
+        """
+        if combination_type != "linear":
+            raise ValueError(
+                f"combination_type {combination_type!r} is not supported for C3A adapters, only 'linear': ΔW is linear "
+                "in the kernels, so the weighted sum of the kernels is the exact combination"
+            )
+        self._check_weighted_combination(adapters, weights, adapter_name)
+        config = copy.deepcopy(self.peft_config[adapters[0]])
+        config.init_weights = True  # zeros, overwritten below (and no random numbers drawn)
+        config.exact_delta = any(getattr(self.peft_config[a], "exact_delta", False) for a in adapters)
+        for loaded in ("_checkpoint_record", "_load_source"):  # the digest of another adapter's file; its folder
+            config.__dict__.pop(loaded, None)
+        self.peft_config[adapter_name] = config
+        try:
+            self.inject_adapter(self.model, adapter_name)
+        except BaseException:
+            del self.peft_config[adapter_name]  # inject_adapter has put the model back
+            raise
+        layers = [layer for _, layer in c3a_layers(self.model) if adapter_name in layer.c3a_kernel]
+        wanted = [layer for _, layer in c3a_layers(self.model) if adapters[0] in layer.c3a_kernel]
+        if layers != wanted or any(layer.block_size[adapter_name] != layer.block_size[adapters[0]] for layer in layers):
+            self.delete_adapter(adapter_name)  # the config did not rebuild the same layers: never a near-miss
+            raise ValueError(f"adapter {adapters[0]!r}'s config does not rebuild its own layers and block sizes in "
+                             "this model; nothing was added")
+        with torch.no_grad():
+            for layer in layers:
+                total = sum(float(w) * layer.c3a_kernel[a].double() for a, w in zip(adapters, weights))
+                layer.c3a_kernel[adapter_name].copy_(total)
+                layer.c3a_kernel[adapter_name].requires_grad_(False)
+
+    def _check_weighted_combination(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or choose another name")
+        if isinstance(adapters, str) or not adapters:
+            raise ValueError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
+        if len(weights) != len(adapters):
+            raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights")
+        unknown = [a for a in adapters if a not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {', '.join(map(repr, unknown))}; the model's adapters are "
+                             f"{sorted(self.peft_config)}")
+        for a in adapters:
+            if getattr(self.peft_config[a], "peft_type", None) != PeftType.C3A:
+                raise ValueError(f"adapter {a!r} is not a C3A adapter")
+            wrapped = [n for n, m in self.model.named_modules()
+                       if isinstance(m, AuxiliaryTrainingWrapper) and a in m._get_available_adapters()]
+            if wrapped:
+                raise ValueError(f"adapter {a!r} trains whole modules ({', '.join(wrapped)}: modules_to_save or trainable "
+                                 "tokens), which do not combine exactly; only C3A kernels do")
+        problems = []
+        for name, layer in c3a_layers(self.model):
+            having = [a for a in adapters if a in layer.c3a_kernel]
+            if having and len(having) < len(adapters):
+                lacking = [a for a in adapters if a not in having]
+                problems.append(f"{name} is adapted by {', '.join(map(repr, having))} but not by "
+                                f"{', '.join(map(repr, lacking))}")
+            elif having and len({layer.block_size[a] for a in adapters}) > 1:
+                sizes = ", ".join(f"{layer.block_size[a]} ({a!r})" for a in adapters)
+                problems.append(f"{name} has block sizes {sizes}")
+        if problems:
+            raise ValueError("the adapters cannot be combined exactly (they must adapt the same layers with the same "
+                             "block sizes): " + "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else ""))
 
 
 def _loading_weights_now() -> bool:
