@@ -629,3 +629,56 @@ def test_add_weighted_adapter_checks_the_layers_it_built(monkeypatch):
     assert model.peft_config == configs and after.keys() == before.keys()
     assert all(torch.equal(after[n], p) for n, p in before.items())
     assert model.base_model.active_adapters == ["default"]
+
+
+# -- hotswap_adapter: new kernels in place -------------------------------------------------------------------
+
+
+def _saved_mlp_adapter(folder, seed, **config):
+    model = get_peft_model(_mlp(), _mlp_config(**config))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # fp64 values: a swap through fp32 would round them
+        for _, layer in c3a_layers(model):
+            layer.c3a_kernel["default"].copy_(torch.randn(layer.c3a_kernel["default"].shape, dtype=torch.float64, generator=g))
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_hotswap_adapter_gives_what_a_fresh_load_gives(tmp_path):
+    first = _saved_mlp_adapter(tmp_path / "first", 1)
+    _saved_mlp_adapter(tmp_path / "second", 2)
+    model = PeftModel.from_pretrained(_mlp(), first)
+    objects = [(layer, layer.c3a_kernel["default"]) for _, layer in c3a_layers(model)]
+    x = torch.randn(4, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(x)
+        c3a.hotswap_adapter(model, str(tmp_path), adapter_name="default", subfolder="second")
+        fresh = PeftModel.from_pretrained(_mlp(), tmp_path / "second")
+        assert torch.equal(model(x), fresh(x)) and not torch.equal(model(x), before)
+    assert [(layer, layer.c3a_kernel["default"]) for _, layer in c3a_layers(model)] == objects  # nothing replaced
+
+
+@pytest.mark.parametrize("case, match", [
+    ("block sizes", r"0 has block size 8 there \(kernel \[2, 2, 8\]\) but 4 here \(kernel \[4, 4, 4\]\)"),
+    ("targets", "it has no kernel for 2"),
+    ("exact_delta", "exact_delta is True there but False here"),
+    ("modules_to_save", r"modules_to_save is \['2'\] there but None here"),
+    ("merged", r"adapter 'default' is merged into 2 layer\(s\)"),
+    ("merged, disabled", r"adapter 'default' is merged into 2 layer\(s\)"),
+    ("unknown", r"unknown adapter 'nope'; the model's adapters are \['default'\]"),
+])
+def test_hotswap_adapter_refuses_what_it_cannot_swap_in_place(tmp_path, case, match):
+    first = _saved_mlp_adapter(tmp_path / "first", 1)
+    other = {"block sizes": dict(block_size=8), "targets": dict(target_modules=["0"]),
+             "exact_delta": dict(exact_delta=True),
+             "modules_to_save": dict(target_modules=["0"], modules_to_save=["2"])}.get(case, {})
+    second = _saved_mlp_adapter(tmp_path / "second", 2, **other)
+    model = PeftModel.from_pretrained(_mlp(), first)
+    if case.startswith("merged"):
+        model.merge_adapter()
+    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    with model.disable_adapter() if case == "merged, disabled" else contextlib.nullcontext():
+        with pytest.raises(ValueError, match=match):
+            c3a.hotswap_adapter(model, second, adapter_name="nope" if case == "unknown" else "default")
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[n], t) for n, t in before.items())

@@ -15,6 +15,7 @@ from peft import PeftModel, get_peft_model  # noqa: E402
 
 from .config import C3AConfig
 from .functional import block_circular_conv, circulant_matrix
+from .hotswap import hotswap_adapter
 from .layer import C3AConv1D, C3ALayer, C3ALinear
 from .tuner import C3AModel, peft_reference, register, unregister
 
@@ -28,6 +29,6 @@ def get_c3a_model(model, config: C3AConfig, adapter_name: str = "default", **kwa
 
 __all__ = [
     "C3AConfig", "C3AConv1D", "C3ALayer", "C3ALinear", "C3AModel", "block_circular_conv", "circulant_matrix", "get_c3a_model",
-    "peft_reference", "register", "unregister",
+    "hotswap_adapter", "peft_reference", "register", "unregister",
 ]
 __version__ = "0.1.0"
