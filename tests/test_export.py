@@ -110,12 +110,13 @@ def test_export_lora_error_decreases_to_exact(tmp_path, capsys):
         assert error <= previous
         previous = error
     assert previous < 1e-6
-    model.save_pretrained(tmp_path)
-    argv = ["export-lora", str(tmp_path), "--rank", "2", "--out", str(tmp_path)]
+    model.save_pretrained(tmp_path / "c3a")
+    model.save_pretrained(tmp_path / "other")  # another adapter where the export would go
+    argv = ["export-lora", str(tmp_path / "c3a"), "--rank", "2", "--out", str(tmp_path / "other")]
     with pytest.raises(FileExistsError, match="already holds an adapter"):
         main(argv)
     assert main(argv, one_line_errors=True) == 2  # as the `c3a` program: one line, exit status 2
     assert "already holds an adapter" in capsys.readouterr().err
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "C3A"  # untouched
+    assert json.loads((tmp_path / "other" / "adapter_config.json").read_text())["peft_type"] == "C3A"  # untouched
     with pytest.raises(FileNotFoundError, match="does not exist"):
         adapter_ranks(tmp_path / "missing")
