@@ -8,7 +8,7 @@ OUT=docs/runs/table3-smollm2
 common=(--model smollm2 --methods none lora:alpha=32,64,128 c3a --seeds 0 1 --select-seeds 0 --bf16 --out "$OUT"
         --task-options sql:data=$D/sql/train.jsonl:eval-data=$D/sql/validation.jsonl
                        viggo:data=$D/viggo/train.jsonl:eval-data=$D/viggo/validation.jsonl
-                       gsm8k:data=$D/gsm8k/train.jsonl:max-train-samples=2000)
+                       gsm8k:data=$D/gsm8k/train.jsonl:max-train-samples=1000)
 for task in sql viggo gsm8k; do
   c3a sft-suite --tasks "$task" "${common[@]}" || echo "sft-suite $task: some cells failed (rerun to retry them)"
 done
