@@ -50,22 +50,34 @@ def _run_threads(jobs, call):
     return results
 
 
+def _jobs(rng: random.Random, calls: int, max_rows: int, length: int, low: int = 0, plain: float = 0.0) -> list:
+    """Per thread (4), ``calls`` pairs of token ids (1..max_rows rows) and adapter names per row (``None``, a call
+    without routing, with probability ``plain``)."""
+    jobs = []
+    for _ in range(4):
+        job = []
+        for _ in range(calls):
+            rows = rng.randint(1, max_rows)
+            ids = torch.randint(low, 100, (rows, length), generator=torch.Generator().manual_seed(rng.randrange(2**31)))
+            names = None if plain and rng.random() < plain else [rng.choice(NAMES) for _ in range(rows)]
+            job.append((ids, names))
+        jobs.append(job)
+    return jobs
+
+
+def _assert_serial(jobs, concurrent, serial) -> None:
+    for t, job in enumerate(jobs):
+        for i in range(len(job)):
+            assert torch.equal(concurrent[t][i], serial[t][i]), (t, i, job[i][1])
+
+
 def test_concurrent_mixed_batches_give_each_caller_its_serial_result(tiny_bert):
     # modules_to_save: the classifier's copies are routed per row too (PEFT's wrapper, through the same hook)
     model = _two_adapters(tiny_bert, ["query", "value"], modules_to_save=["classifier"])
     with torch.no_grad():
         for name in ("default", "other"):
             model.base_model.model.classifier.modules_to_save[name].weight.normal_()
-    rng = random.Random(0)
-    jobs = []
-    for _ in range(4):
-        job = []
-        for _ in range(20):
-            rows = rng.randint(1, 4)
-            ids = torch.randint(0, 100, (rows, 7), generator=torch.Generator().manual_seed(rng.randrange(2**31)))
-            names = None if rng.random() < 0.2 else [rng.choice(NAMES) for _ in range(rows)]  # some plain calls too
-            job.append((ids, names))
-        jobs.append(job)
+    jobs = _jobs(random.Random(0), calls=20, max_rows=4, length=7, plain=0.2)  # some plain calls too
 
     def call(item):
         ids, names = item
@@ -74,24 +86,13 @@ def test_concurrent_mixed_batches_give_each_caller_its_serial_result(tiny_bert):
     with torch.no_grad():
         serial = [[call(item) for item in job] for job in jobs]
     assert len({tuple(names) for job in jobs for _, names in job if names}) > 20  # the rows really differ
-    concurrent = _run_threads(jobs, call)
-    for t, job in enumerate(jobs):
-        for i in range(len(job)):
-            assert torch.equal(concurrent[t][i], serial[t][i]), (t, i, job[i][1])
+    _assert_serial(jobs, _run_threads(jobs, call), serial)
     assert _hooks(model) == 0 and _ROUTING.get() == {}
 
 
 def test_concurrent_generate_with_different_adapter_names(tiny_gpt2):
     model = _two_adapters(tiny_gpt2, ["c_attn"])
-    rng = random.Random(1)
-    jobs = []
-    for _ in range(4):
-        job = []
-        for _ in range(3):
-            rows = rng.randint(1, 3)
-            ids = torch.randint(1, 100, (rows, 5), generator=torch.Generator().manual_seed(rng.randrange(2**31)))
-            job.append((ids, [rng.choice(NAMES) for _ in range(rows)]))
-        jobs.append(job)
+    jobs = _jobs(random.Random(1), calls=3, max_rows=3, length=5, low=1)
 
     def call(item):
         ids, names = item
@@ -100,10 +101,7 @@ def test_concurrent_generate_with_different_adapter_names(tiny_gpt2):
 
     with torch.no_grad():
         serial = [[call(item) for item in job] for job in jobs]
-    concurrent = _run_threads(jobs, call)
-    for t, job in enumerate(jobs):
-        for i in range(len(job)):
-            assert torch.equal(concurrent[t][i], serial[t][i]), (t, i, job[i][1])
+    _assert_serial(jobs, _run_threads(jobs, call), serial)
     assert _hooks(model) == 0
 
 

@@ -570,6 +570,16 @@ def test_add_weighted_adapter_is_the_exact_weighted_sum(tmp_path):
         assert torch.equal(loaded(x), model(x))
 
 
+def _parameters_and_configs(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, dict(model.peft_config)
+
+
+def _assert_unchanged(model, before, configs) -> None:
+    after = dict(model.named_parameters())
+    assert model.peft_config == configs and after.keys() == before.keys()
+    assert all(torch.equal(after[n], p) for n, p in before.items())
+
+
 @pytest.mark.parametrize("case, match", [
     ("svd", "combination_type 'svd' is not supported for C3A adapters, only 'linear'"),
     ("cat", "combination_type 'cat' is not supported"),
@@ -589,19 +599,16 @@ def test_add_weighted_adapter_refuses_what_does_not_combine_exactly(case, match)
     args = {"svd": (["default", "b"], [1, 1], "mix", "svd"), "cat": (["default", "b"], [1, 1], "mix", "cat"),
             "unknown": (["default", "nope"], [1, 1], "mix"), "weights": (["default", "b"], [1], "mix"),
             "existing": (["default"], [1], "b")}.get(case, (["default", "b"], [1, 1], "mix"))
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    configs = dict(model.peft_config)
+    before, configs = _parameters_and_configs(model)
     with pytest.raises(ValueError, match=match):
         model.add_weighted_adapter(*args)
-    after = dict(model.named_parameters())
-    assert model.peft_config == configs and after.keys() == before.keys()
-    assert all(torch.equal(after[n], p) for n, p in before.items())
+    _assert_unchanged(model, before, configs)
 
 
 def test_add_weighted_adapter_failing_midway_changes_nothing(monkeypatch):
     model = get_peft_model(_mlp(), _mlp_config())
     model.add_adapter("b", _mlp_config())
-    before, configs = {n: p.detach().clone() for n, p in model.named_parameters()}, dict(model.peft_config)
+    before, configs = _parameters_and_configs(model)
     real, calls = c3a.C3AModel._create_and_replace, []
 
     def second_layer_fails(self, *args, **kwargs):
@@ -613,21 +620,17 @@ def test_add_weighted_adapter_failing_midway_changes_nothing(monkeypatch):
     monkeypatch.setattr(c3a.C3AModel, "_create_and_replace", second_layer_fails)
     with pytest.raises(RuntimeError, match="simulated"):
         model.add_weighted_adapter(["default", "b"], [1, 1], "mix")
-    after = dict(model.named_parameters())
-    assert model.peft_config == configs and after.keys() == before.keys()
-    assert all(torch.equal(after[n], p) for n, p in before.items())
+    _assert_unchanged(model, before, configs)
 
 
 def test_add_weighted_adapter_checks_the_layers_it_built(monkeypatch):
     model = get_peft_model(_mlp(), _mlp_config())
     model.add_adapter("b", _mlp_config())
-    before, configs = {n: p.detach().clone() for n, p in model.named_parameters()}, dict(model.peft_config)
+    before, configs = _parameters_and_configs(model)
     monkeypatch.setattr("c3a.tuner.pattern_block_size", lambda config, name: 2)  # a config read otherwise
     with pytest.raises(ValueError, match="'default''s config does not rebuild its own layers and block sizes"):
         model.add_weighted_adapter(["default", "b"], [1, 1], "mix")
-    after = dict(model.named_parameters())
-    assert model.peft_config == configs and after.keys() == before.keys()
-    assert all(torch.equal(after[n], p) for n, p in before.items())
+    _assert_unchanged(model, before, configs)
     assert model.base_model.active_adapters == ["default"]
 
 
