@@ -1,11 +1,14 @@
 import contextlib
 import io
+import math
 
 import pytest
 import torch
 from transformers import (
     BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, RobertaConfig, RobertaForSequenceClassification,
 )
+
+from c3a.functional import circulant_matrix
 
 # Tests use tiny tensors: extra threads only add synchronisation, which is very slow on a busy machine.
 torch.set_num_threads(1)
@@ -22,6 +25,29 @@ def saved_activations(call, like: torch.Tensor) -> list[torch.Tensor]:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         call()
     return [t for t in saved if t.numel() >= like.numel()]
+
+
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+ROUNDINGS = {"forward": 6, "grad_x": 6, "grad_k": 5}
+
+
+def half_tol(dtype, what, reduction):
+    """Normwise tolerance of the DFT path (tests/test_functional_half.py derives it): roundings × 2√2·u plus the
+    fp32 accumulation over a reduction of length ``reduction``."""
+    return ROUNDINGS[what] * 2 * math.sqrt(2) * UNIT_ROUNDOFF[dtype] + reduction * 2.0**-24
+
+
+def rel_err(actual, expected):
+    return ((actual.double() - expected).norm() / expected.norm()).item()
+
+
+def dense_reference(result, x, kernels, grad):
+    """float64 dense: ``result + Σ x @ C(k)ᵀ`` and its gradients, from the very same (rounded) inputs."""
+    x64 = x.detach().double().requires_grad_()
+    ks64 = [k.detach().double().requires_grad_() for k in kernels]
+    y = result.detach().double() + sum(x64 @ circulant_matrix(k).T for k in ks64)
+    y.backward(grad.double())
+    return y.detach(), x64.grad, [k.grad for k in ks64]
 
 
 @pytest.fixture

@@ -23,19 +23,7 @@ import pytest
 import torch
 
 from c3a.functional import add_block_circular_conv, block_circular_conv, circulant_matrix, dft_max_block
-from conftest import saved_activations
-
-UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-ROUNDINGS = {"forward": 6, "grad_x": 6, "grad_k": 5}
-
-
-def _tol(dtype, what, reduction):
-    return ROUNDINGS[what] * 2 * math.sqrt(2) * UNIT_ROUNDOFF[dtype] + reduction * 2.0**-24
-
-
-def _rel_err(actual, expected):
-    return ((actual.double() - expected).norm() / expected.norm()).item()
-
+from conftest import UNIT_ROUNDOFF, dense_reference, half_tol, rel_err, saved_activations
 
 def _graph_nodes(t):
     """Names of the autograd nodes behind ``t`` (which path ran)."""
@@ -48,15 +36,6 @@ def _graph_nodes(t):
         names.add(type(node).__name__)
         stack.extend(fn for fn, _ in node.next_functions)
     return names
-
-
-def _reference(result, x, kernels, grad):
-    """float64 dense: ``result + Σ x @ C(k)ᵀ`` and its gradients, from the very same (rounded) inputs."""
-    x64 = x.detach().double().requires_grad_()
-    ks64 = [k.detach().double().requires_grad_() for k in kernels]
-    y = result.detach().double() + sum(x64 @ circulant_matrix(k).T for k in ks64)
-    y.backward(grad.double())
-    return y.detach(), x64.grad, [k.grad for k in ks64]
 
 
 def _run(result, x, kernels, grad, **kw):
@@ -74,7 +53,7 @@ SHAPES = [(2, 3, 8), (3, 2, 4), (1, 1, 2), (2, 2, 16), (1, 2, 6), (2, 1, 64)]
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("lead", [(12,), (2, 5)])
-def test_dft_path_matches_dense_reference(dtype, shape, lead):
+def test_dft_path_matches_densedense_reference(dtype, shape, lead):
     m, n, b = shape
     g = torch.Generator().manual_seed(hash((shape, lead)) % 2**31)
     kernel = torch.randn(m, n, b, generator=g)  # kernels stay fp32 (the layer's Parameters)
@@ -84,11 +63,11 @@ def test_dft_path_matches_dense_reference(dtype, shape, lead):
     y, gx, (gk,) = _run(result, x, [kernel], grad)
     assert "_DftBlockCircularConvBackward" in _graph_nodes(y)
     assert y.dtype == dtype and gx.dtype == dtype and gk.dtype == torch.float32 and y.shape == (*lead, m * b)
-    ref, ref_gx, (ref_gk,) = _reference(result, x, [kernel], grad)
+    ref, ref_gx, (ref_gk,) = dense_reference(result, x, [kernel], grad)
     tokens = math.prod(lead)
-    assert _rel_err(y, ref) <= _tol(dtype, "forward", n * b)
-    assert _rel_err(gx, ref_gx) <= _tol(dtype, "grad_x", m * b)
-    assert _rel_err(gk, ref_gk) <= _tol(dtype, "grad_k", max(b, tokens))
+    assert rel_err(y, ref) <= half_tol(dtype, "forward", n * b)
+    assert rel_err(gx, ref_gx) <= half_tol(dtype, "grad_x", m * b)
+    assert rel_err(gk, ref_gk) <= half_tol(dtype, "grad_k", max(b, tokens))
 
 
 # Every b up to the largest the dispatch sends to the DFT path (1024, CUDA; forced here on CPU), m ≠ n where cheap.
@@ -122,11 +101,11 @@ def test_large_coherent_inputs_stay_finite_and_accurate(dtype, shape):
     y, gx, (gk,) = _run(result, x, [kernel], grad, path="dft")
     assert "_DftBlockCircularConvBackward" in _graph_nodes(y)
     assert y.isfinite().all() and gx.isfinite().all() and gk.isfinite().all()
-    ref, ref_gx, (ref_gk,) = _reference(result, x, [kernel], grad)
+    ref, ref_gx, (ref_gk,) = dense_reference(result, x, [kernel], grad)
     assert ref.abs().max() < 2.6e4 and ref_gx.abs().max() < 2.6e4  # as designed: the results fit fp16
-    assert _rel_err(y, ref) <= _tol(dtype, "forward", n * b)
-    assert _rel_err(gx, ref_gx) <= _tol(dtype, "grad_x", m * b)
-    assert _rel_err(gk, ref_gk) <= _tol(dtype, "grad_k", max(b, tokens))
+    assert rel_err(y, ref) <= half_tol(dtype, "forward", n * b)
+    assert rel_err(gx, ref_gx) <= half_tol(dtype, "grad_x", m * b)
+    assert rel_err(gk, ref_gk) <= half_tol(dtype, "grad_k", max(b, tokens))
 
 
 def test_several_kernels_mixed_block_sizes_and_fallbacks():
@@ -140,13 +119,13 @@ def test_several_kernels_mixed_block_sizes_and_fallbacks():
     y, gx, gks = _run(result, x, kernels, grad)
     names = _graph_nodes(y)
     assert "_DftBlockCircularConvBackward" in names and "_BlockCircularConvBackward" in names
-    ref, ref_gx, ref_gks = _reference(result, x, kernels, grad)
+    ref, ref_gx, ref_gks = dense_reference(result, x, kernels, grad)
     u = UNIT_ROUNDOFF[torch.bfloat16]
     # result is not zero: the output's own rounding (≤ u·‖ref‖) comes on top of the delta's error
-    assert _rel_err(y, ref) <= _tol(torch.bfloat16, "forward", d_in) + u
-    assert _rel_err(gx, ref_gx) <= _tol(torch.bfloat16, "grad_x", d_out)
+    assert rel_err(y, ref) <= half_tol(torch.bfloat16, "forward", d_in) + u
+    assert rel_err(gx, ref_gx) <= half_tol(torch.bfloat16, "grad_x", d_out)
     for gk, ref_gk in zip(gks, ref_gks):
-        assert _rel_err(gk, ref_gk) <= _tol(torch.bfloat16, "grad_k", 10)
+        assert rel_err(gk, ref_gk) <= half_tol(torch.bfloat16, "grad_k", 10)
 
 
 def test_autocast_with_fp32_input_and_weights():
@@ -164,13 +143,13 @@ def test_autocast_with_fp32_input_and_weights():
     y.backward(grad)
     assert xr.grad.dtype == torch.float32 and kr.grad.dtype == torch.float32
     # the path sees x rounded to bf16; the reference uses the same rounded input
-    ref, ref_gx, (ref_gk,) = _reference(torch.zeros(3, 4, 16), x.bfloat16(), [kernel], grad)
+    ref, ref_gx, (ref_gk,) = dense_reference(torch.zeros(3, 4, 16), x.bfloat16(), [kernel], grad)
     u = UNIT_ROUNDOFF[torch.bfloat16]
-    assert _rel_err(y.double() - result.double(), ref) <= _tol(torch.bfloat16, "forward", 32) + 2 * u * (
+    assert rel_err(y.double() - result.double(), ref) <= half_tol(torch.bfloat16, "forward", 32) + 2 * u * (
         y.double().norm() / ref.norm()  # y's rounding, relative to the delta's size
     )
-    assert _rel_err(xr.grad, ref_gx) <= _tol(torch.bfloat16, "grad_x", 16)
-    assert _rel_err(kr.grad, ref_gk) <= _tol(torch.bfloat16, "grad_k", 12)
+    assert rel_err(xr.grad, ref_gx) <= half_tol(torch.bfloat16, "grad_x", 16)
+    assert rel_err(kr.grad, ref_gk) <= half_tol(torch.bfloat16, "grad_k", 12)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -189,8 +168,8 @@ def test_exact_delta_rounds_once(dtype):
     slack = 64 * 2.0**-24 * (x.double().abs() @ circulant_matrix(kernel.double()).abs().T)
     assert ((y_exact.double() - exact_sum).abs() <= u * exact_sum.abs() + slack).all()
     y_fast = add_block_circular_conv(result, x, [kernel])
-    assert _rel_err(y_fast, exact_sum) <= _tol(dtype, "forward", 32) + u
-    assert _rel_err(y_exact, exact_sum) <= _rel_err(y_fast, exact_sum)
+    assert rel_err(y_fast, exact_sum) <= half_tol(dtype, "forward", 32) + u
+    assert rel_err(y_exact, exact_sum) <= rel_err(y_fast, exact_sum)
 
 
 def test_exact_delta_on_fft_fallback():
@@ -270,6 +249,22 @@ def test_inplace_accumulates_into_result_with_the_same_gradients(view):
     (y0, gx0, gk0), (y1, gx1, gk1) = runs
     assert torch.equal(y0, y1) and torch.equal(gx0, gx1)
     assert all(torch.equal(a, b) for a, b in zip(gk0, gk1))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_inference_runs_without_an_autograd_node_and_equals_the_training_call(inplace):
+    """Under ``no_grad`` the DFT path is a plain function (nothing saved, no node, what torch.compile traces in
+    inference); its output is bit-identical to the differentiable call's, in place or not."""
+    torch.manual_seed(0)
+    kernel, x = torch.randn(6, 4, 8), torch.randn(5, 32).bfloat16()
+    result = torch.randn(5, 48).bfloat16()
+    with_grad = add_block_circular_conv(result.clone(), x, [kernel.requires_grad_()], inplace=inplace)
+    assert "_DftBlockCircularConvBackward" in _graph_nodes(with_grad)
+    target = result.clone()
+    with torch.no_grad():
+        plain = add_block_circular_conv(target, x, [kernel], inplace=inplace)
+    assert plain.grad_fn is None and torch.equal(plain, with_grad.detach())
+    assert (plain.data_ptr() == target.data_ptr()) == inplace and torch.equal(target, plain if inplace else result)
 
 
 def test_saves_only_the_input():

@@ -267,32 +267,44 @@ def _bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a, b).float()
 
 
+def _dft_forward(
+    result: torch.Tensor, x: torch.Tensor, wd: torch.Tensor, wi: torch.Tensor, dtype: torch.dtype, inplace: bool
+) -> torch.Tensor:
+    """``result + x @ C(kernel)ᵀ`` from the mixing blocks already in ``dtype``; with ``inplace`` (and ``result``
+    contiguous and in ``dtype``) the inverse GEMM accumulates into ``result`` itself."""
+    _, S, n, m = wd.shape
+    b = 2 * S
+    transform, (inverse, alpha) = _dft_transforms(b, dtype, x.device)
+    with torch.autocast(x.device.type, enabled=False):
+        delta_rows = _from_slots(_mix_slots(_to_slots(x.reshape(-1, n * b), transform, n), wd, wi), b)
+        if result.dtype != dtype:  # e.g. an fp32 frozen output: one add in its precision
+            delta = _gemm(delta_rows, inverse, alpha)
+            return torch.add(result, delta.view(result.shape)).to(result.dtype)
+        out = result if inplace else result.clone(memory_format=torch.contiguous_format)
+        out.view(-1, b).addmm_(delta_rows, inverse, alpha=alpha)  # the inverse GEMM accumulates: no add pass
+        return out
+
+
+def _writes_in_place(result: torch.Tensor, dtype: torch.dtype, inplace: bool) -> bool:
+    return inplace and result.dtype == dtype and result.is_contiguous()
+
+
 class _DftBlockCircularConv(torch.autograd.Function):
     """``result + x @ C(kernel)ᵀ`` through the real DFT as GEMMs, in ``dtype`` (operands) with fp32 accumulation.
 
     Saved for backward: ``x`` as it came (no spectrum: backward recomputes it, one GEMM) and the small blocks.
     ``inplace``: the inverse GEMM accumulates into ``result`` itself (marked dirty for autograd) when it is
-    contiguous; otherwise into a copy.
+    contiguous; otherwise into a copy. Under ``torch.compile`` never in place: the compiler fuses the add, and
+    traced in-place writes on views of a graph input break its backward.
     """
 
     @staticmethod
     def forward(ctx, result, x, w_diag, w_im, dtype, inplace):
-        _, S, n, m = w_diag.shape
-        b = 2 * S
-        transform, (inverse, alpha) = _dft_transforms(b, dtype, x.device)
         wd, wi = w_diag.to(dtype), w_im.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            mixed = _mix_slots(_to_slots(x.reshape(-1, n * b), transform, n), wd, wi)
-            delta_rows = _from_slots(mixed, b)
-            if result.dtype != dtype:  # e.g. an fp32 frozen output: one add in its precision
-                delta = _gemm(delta_rows, inverse, alpha)
-                out = torch.add(result, delta.view(result.shape)).to(result.dtype)
-            else:  # the inverse GEMM accumulates into the output: no add pass
-                inplace = inplace and result.is_contiguous()
-                out = result if inplace else result.clone(memory_format=torch.contiguous_format)
-                out.view(-1, b).addmm_(delta_rows, inverse, alpha=alpha)
-                if inplace:
-                    ctx.mark_dirty(result)
+        inplace = _writes_in_place(result, dtype, inplace) and not torch.compiler.is_compiling()
+        out = _dft_forward(result, x, wd, wi, dtype, inplace)
+        if inplace:
+            ctx.mark_dirty(result)
         ctx.save_for_backward(x, wd, wi)
         ctx.dtype, ctx.block_dtype = dtype, w_diag.dtype
         return out
@@ -325,7 +337,10 @@ def _dft_conv_add(
     result: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, dtype: torch.dtype, inplace: bool
 ) -> torch.Tensor:
     w_diag, w_im = _dft_mixing_blocks(kernel.to(torch.float64 if dtype == torch.float64 else kernel.dtype))
-    return _DftBlockCircularConv.apply(result, x, w_diag, w_im, dtype, inplace)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (result, x, kernel)):
+        return _DftBlockCircularConv.apply(result, x, w_diag, w_im, dtype, inplace)
+    # Inference: no autograd node, nothing saved (and torch.compile traces the in-place accumulation plainly).
+    return _dft_forward(result, x, w_diag.to(dtype), w_im.to(dtype), dtype, _writes_in_place(result, dtype, inplace))
 
 
 def _autocast_half_dtype(device_type: str) -> Optional[torch.dtype]:
