@@ -112,3 +112,37 @@ def test_compiled_peft_model_trains_and_infers_under_bf16_autocast():
         assert (got - want).norm() <= tol * want.norm()
     with torch.no_grad():
         assert (compiled().float() - eager_logits).norm() <= tol * eager_logits.norm()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hotswap_into_a_compiled_model_does_not_recompile(tmp_path, dtype):
+    """``c3a.hotswap_adapter`` on a ``torch.compile``'d model: the compiled graph is reused (recompiling is an
+    error here) and computes what a fresh load of the new adapter computes, eagerly (to the dtype's rounding of
+    the path, as in the tests above; bit-equality would hold only in eager mode)."""
+    from peft import PeftModel, get_peft_model
+
+    import c3a
+    from c3a import C3AConfig
+
+    def base():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16)).to(dtype)
+
+    for name, seed in (("first", 1), ("second", 2)):
+        frozen = base()
+        torch.manual_seed(seed)  # the kernels' (gaussian) initialisation
+        config = C3AConfig(block_size=8, target_modules=["0", "2"], init_weights="gaussian")
+        get_peft_model(frozen, config).save_pretrained(tmp_path / name)
+    torch._dynamo.reset()
+    model = PeftModel.from_pretrained(base(), tmp_path / "first")
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(3)).to(dtype)
+    with torch.no_grad():
+        before = compiled(x)
+        c3a.hotswap_adapter(compiled, str(tmp_path / "second"), adapter_name="default")
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            after = compiled(x)
+        fresh = PeftModel.from_pretrained(base(), tmp_path / "second")(x)
+    tol = 4 * 32 * 2.0**-24 if dtype == torch.float32 else 2 * half_tol(dtype, "forward", 32)
+    assert (after.double() - fresh.double()).norm() <= tol * fresh.double().norm()
+    assert (before.double() - fresh.double()).norm() > 0.1 * fresh.double().norm()  # the swap changed the output
