@@ -1,4 +1,5 @@
-"""Two-process CPU DDP (gloo) through the shared trainer equals one process on the same global batch."""
+"""Two CPU processes (gloo) equal one process on the same global batch: DDP through the shared trainer, and FSDP2
+(``fully_shard``) with the adapter saved once from the gathered full state."""
 
 import os
 import socket
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
+FSDP_WORKER = Path(__file__).with_name("fsdp_worker.py")
 
 
 def _free_port() -> int:
@@ -51,3 +53,33 @@ def test_ddp_kernel_gradients_are_synchronised_and_match_one_process(tmp_path):
     for name in kernels:  # the kernels did train in both runs: the comparisons above are not between untouched tensors
         assert (one["trained"][name] - one["initial"][name]).abs().max() > 0.05
         assert (ranks[0]["trained"][name] - ranks[0]["initial"][name]).abs().max() > 0.05
+
+
+def test_fsdp2_training_matches_one_process_and_saves_the_adapter_once(tmp_path):
+    from peft import PeftModel
+
+    sys.path.insert(0, str(FSDP_WORKER.parent))
+    from fsdp_worker import base
+
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    single.mkdir(), multi.mkdir()
+    _run(str(FSDP_WORKER), str(single))
+    _run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(_free_port()), str(FSDP_WORKER), str(multi))  # fmt: skip
+    one, zero, other = (torch.load(f) for f in (single / "rank0.pt", multi / "rank0.pt", multi / "rank1.pt"))
+    assert one["world_size"] == 1 and zero["world_size"] == 2
+    assert len(one["trained"]) == 4 and zero["trained"].keys() == one["trained"].keys()  # q+v of 2 layers, full shape
+    assert other["trained"] == {}  # the gathered state goes to rank 0 only
+    # Plain SGD: the trained kernels differ from one process's only by the gradients' summation order (the
+    # reduce-scatter's mean over ranks vs one mean over the global batch), ~eps·(tokens + depth·width) ≈ 1e-4 of a
+    # step, as in the DDP test; a wrong reduction (a sum, one rank's gradient) is off by 50 % of the displacement.
+    moved = max((one["trained"][n] - one["initial"][n]).abs().max() for n in one["trained"])
+    assert moved > 0.02
+    for name, expected in one["trained"].items():
+        assert (zero["trained"][name] - expected).abs().max() <= 1e-3 * moved, name
+    saved = sorted(p.name for p in (multi / "adapter").iterdir())
+    assert saved == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    reloaded = PeftModel.from_pretrained(base(), multi / "adapter")
+    kernels = {n: p for n, p in reloaded.named_parameters() if "c3a_kernel" in n}
+    assert kernels.keys() == zero["trained"].keys()
+    assert all(torch.equal(kernels[n], zero["trained"][n]) for n in kernels)
