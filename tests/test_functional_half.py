@@ -9,8 +9,9 @@ fp32), and for the i.i.d. Gaussian data used here a random (k×q) block changes 
 most 1 + √(k/q) ≤ 2 (square blocks, Marchenko–Pastur edge). Roundings counted:
   forward  6: R (twice), the input spectrum, the mixing blocks, the mixed spectrum, the output;
   grad x   6: the same chain run backwards from the (rounded) output gradient;
-  grad k   5: R and the spectrum for each of x and the output gradient, and the GEMM output, which on CPU is
-              rounded to bf16 before widening to fp32 (fp16's is formed in fp32).
+  grad k   6: R and the spectrum for each of x and the output gradient, and the GEMM output, which on CPU is
+              rounded to bf16 before widening to fp32 (fp16's is formed in fp32) — the cross blocks' twice: their
+              first product is rounded before the GEMM epilogue adds the second.
 So tol = count·2√2·u, plus the fp32 accumulation, L·2^-24 for a reduction of length L ≤ max(b, tokens, n·b)
 (≤ 2^-14 here, kept for honesty). This is first-order and worst-case in each stage: measured errors are about
 1·u (independent roundings partly cancel), so the tests have room across BLAS libraries and CPUs yet fail for

@@ -171,7 +171,11 @@ def block_circular_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 # The price in fp16: for incoherent data the spectra are ~1/√b of the entries, so they reach fp16's subnormals for
 # entries below ~2^-14·√b; those roundings are absolute, ≤ 2^-25 per spectrum entry, at most b·2^-24 on an output
 # entry (2^-14 at b = 1024; typically √b·2^-25). The backward pass runs the same chain on the output gradient; the
-# kernel gradient 2b·Σ_tokens X̂ ⊗ Ĝ is formed in fp32 (fp16's range cannot hold a sum over all tokens).
+# blocks' gradient Σ_tokens Ĝᵀ X̂ is formed in fp32 (fp16's range cannot hold a sum over all tokens).
+#
+# Mixing blocks: Re K_s and Im K_s are rows of R applied to the kernel, so all blocks are one GEMM P @ kᵀ with a
+# constant (3S × b) P, and the kernel's gradient one GEMM with 2b·P: a handful of launches per call, where an rfft
+# of the kernel and its slicing into slots cost a dozen ops each way.
 #
 # Layout: R @ x2ᵀ gives X̂ as (2, S, T, n) — re/im outermost, so Re X̂ and Im X̂ are each a contiguous batch
 # of (T, n) matrices and every mixing GEMM reads and writes whole contiguous tensors (strided batch views
@@ -204,22 +208,19 @@ def _dft_transforms(b: int, dtype: torch.dtype, device: torch.device) -> tuple[t
     return (_real_dft_matrix(b, dtype, device, 1 / b), 1.0), (_real_dft_matrix(b, dtype, device, 2.0), 1.0)
 
 
-def _dft_mixing_blocks(kernel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-slot real mixing blocks of ``kernel`` ``(m, n, b)``, ``b`` even, built from ``rfft(kernel)``
-    with differentiable ops (autograd carries their gradient back to the kernel).
+@functools.lru_cache(maxsize=64)
+def _mixing_matrix(b: int, dtype: torch.dtype, device: torch.device, scale: float) -> torch.Tensor:
+    """``scale·P`` of shape ``(3S, b)``: the per-slot real mixing blocks of a kernel are one GEMM, ``P @ kᵀ``.
 
-    Returns ``w_diag`` ``(2, S, n, m)`` — the blocks acting re→re ([0]) and im→im ([1]) — and ``w_im``
-    ``(S, n, m)``, the cross blocks (``+w_im`` im→re, ``−w_im`` re→im; zero in slot 0). Each carries ``w_s/2``
-    of the inverse DFT's weight (1/2 for DC and Nyquist, 1 otherwise); the inverse transform ``2R`` has the rest.
-    """
-    b = kernel.shape[-1]
+    Rows ``s < S`` give the blocks acting re→re, rows ``S + s`` im→im (both ``Re K_s``, except slot 0: DC/2 and
+    Nyquist/2, which do not interact), rows ``2S + s`` the cross blocks ``Im K_s`` (``+`` im→re, ``−`` re→im; zero
+    in slot 0). ``K = rfft(k)``, so these are rows of ``R``; each carries ``w_s/2`` of the inverse DFT's weight (1/2
+    for DC and Nyquist, 1 otherwise), the inverse transform ``2R`` the rest."""
     S = b // 2
-    spec = rfft(kernel, dim=-1).permute(2, 1, 0)  # (S + 1, n, m): blocks transposed, frequency first
-    re, im = spec.real, spec.imag
-    dc, nyquist = re[:1] / 2, re[S:] / 2
-    w_diag = torch.stack([torch.cat([dc, re[1:S]]), torch.cat([nyquist, re[1:S]])])
-    w_im = torch.cat([torch.zeros_like(dc), im[1:S]])
-    return w_diag, w_im
+    R = _real_dft_matrix(b, torch.float64, torch.device("cpu"), 1.0)
+    re_re, im_im, cross = R[:S].clone(), R[:S].clone(), R[S:].clone()
+    re_re[0], im_im[0], cross[0] = R[0] / 2, R[S] / 2, 0
+    return (torch.cat([re_re, im_im, cross]) * scale).to(dtype=dtype, device=device)
 
 
 def _gemm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -237,14 +238,19 @@ def _to_slots(t2: torch.Tensor, transform: tuple[torch.Tensor, float], p: int) -
     return _gemm(dft, t2.reshape(-1, b).to(dft.dtype).T, alpha).view(2, b // 2, -1, p)
 
 
-def _mix_slots(spec: torch.Tensor, w_diag: torch.Tensor, w_im: torch.Tensor) -> torch.Tensor:
-    """``(2, S, T, p)`` spectra × per-slot real blocks → ``(2, S, T, q)``: one batched GEMM for the diagonal
-    blocks, then the two cross terms accumulated in place (GEMM epilogue, beta = 1), all on contiguous halves."""
+def _mix_slots(spec: torch.Tensor, blocks: torch.Tensor, adjoint: bool = False) -> torch.Tensor:
+    """``(2, S, T, p)`` spectra × per-slot real blocks ``(3S, q, p)`` (each block transposed, as ``P @ kᵀ``
+    lays them out) → ``(2, S, T, q)``: one batched GEMM for the diagonal blocks, then the two cross terms
+    accumulated in place (GEMM epilogue, beta = 1), all on contiguous halves. ``adjoint``: the transposed
+    operator (blocks untransposed, cross term negated), for the input gradient."""
     _, S, T, p = spec.shape
-    q = w_diag.shape[-1]
-    out = torch.bmm(spec.view(2 * S, T, p), w_diag.reshape(2 * S, p, q)).view(2, S, T, q)
-    out[0].baddbmm_(spec[1], w_im)
-    out[1].baddbmm_(spec[0], w_im, alpha=-1)
+    diag, cross = blocks[: 2 * S], blocks[2 * S:]
+    if not adjoint:
+        diag, cross = diag.mT, cross.mT
+    sign = -1 if adjoint else 1
+    out = torch.bmm(spec.view(2 * S, T, p), diag).view(2, S, T, diag.shape[-1])
+    out[0].baddbmm_(spec[1], cross, alpha=sign)
+    out[1].baddbmm_(spec[0], cross, alpha=-sign)
     return out
 
 
@@ -253,36 +259,57 @@ def _from_slots(spec: torch.Tensor, b: int) -> torch.Tensor:
     return spec.view(b, -1).T
 
 
-def _bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` batched, fp32 output: half-precision operands straight into an fp32 result where the backend
-    offers it (CUDA); else bf16 is rounded once from the fp32 accumulator, then widened (bf16 has fp32's range),
-    and fp16 is computed from fp32 operands (fp16's range may not hold the result)."""
-    if a.dtype in HALF_DTYPES and a.device.type == "cuda":
+def _block_grads(g_spec: torch.Tensor, spec: torch.Tensor) -> torch.Tensor:
+    """``Σ_tokens Ĝᵀ X̂`` per slot as the mixing blocks' gradient ``(3S, m, n)`` in fp32: the diagonal blocks, then
+    the cross blocks (im→re minus re→im), from spectra ``(2, S, T, m)`` and ``(2, S, T, n)``.
+
+    Half-precision operands straight into an fp32 result where the backend offers it (CUDA); else bf16 GEMMs
+    write bf16 (the cross blocks' two products summed in the GEMM epilogue), widened once — bf16 has fp32's
+    range — and fp16 is computed from fp32 operands (fp16's range may not hold a sum over all tokens)."""
+    _, S, T, m = g_spec.shape
+    n = spec.shape[-1]
+    gt = g_spec.view(2 * S, T, m).mT
+    if spec.dtype in HALF_DTYPES and spec.device.type == "cuda":
         try:
-            return torch.bmm(a, b, out_dtype=torch.float32)
+            wide = functools.partial(torch.bmm, out_dtype=torch.float32)
+            return torch.cat([wide(gt, spec.view(2 * S, T, n)), wide(gt[:S], spec[1]) - wide(gt[S:], spec[0])])
         except (TypeError, RuntimeError, NotImplementedError):  # torch without out_dtype
             pass
-    if a.dtype == torch.float16:
-        return torch.bmm(a.float(), b.float())
-    return torch.bmm(a, b).float()
+    if spec.dtype == torch.float16:
+        gt, spec = gt.float(), spec.float()
+    out = spec.new_empty(3 * S, m, n)
+    torch.bmm(gt, spec.view(2 * S, T, n), out=out[: 2 * S])
+    torch.bmm(gt[:S], spec[1], out=out[2 * S:])
+    out[2 * S:].baddbmm_(gt[S:], spec[0], alpha=-1)
+    return out.float() if out.dtype == torch.bfloat16 else out  # fp64 stays fp64
 
 
 def _dft_forward(
-    result: torch.Tensor, x: torch.Tensor, wd: torch.Tensor, wi: torch.Tensor, dtype: torch.dtype, inplace: bool
+    result: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor, dtype: torch.dtype, inplace: bool
 ) -> torch.Tensor:
     """``result + x @ C(kernel)ᵀ`` from the mixing blocks already in ``dtype``; with ``inplace`` (and ``result``
     contiguous and in ``dtype``) the inverse GEMM accumulates into ``result`` itself."""
-    _, S, n, m = wd.shape
+    S, m, n = blocks.shape[0] // 3, blocks.shape[1], blocks.shape[2]
     b = 2 * S
     transform, (inverse, alpha) = _dft_transforms(b, dtype, x.device)
     with torch.autocast(x.device.type, enabled=False):
-        delta_rows = _from_slots(_mix_slots(_to_slots(x.reshape(-1, n * b), transform, n), wd, wi), b)
+        delta_rows = _from_slots(_mix_slots(_to_slots(x.reshape(-1, n * b), transform, n), blocks), b)
         if result.dtype != dtype:  # e.g. an fp32 frozen output: one add in its precision
             delta = _gemm(delta_rows, inverse, alpha)
             return torch.add(result, delta.view(result.shape)).to(result.dtype)
         out = result if inplace else result.clone(memory_format=torch.contiguous_format)
         out.view(-1, b).addmm_(delta_rows, inverse, alpha=alpha)  # the inverse GEMM accumulates: no add pass
         return out
+
+
+def _dft_blocks(kernel: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The mixing blocks ``(3S, m, n)`` of ``kernel`` ``(m, n, b)``, formed in the kernel's precision (one GEMM
+    with the cached ``P``), rounded once to ``dtype``."""
+    m, n, b = kernel.shape
+    kernel = kernel.to(torch.promote_types(kernel.dtype, torch.float32))
+    P = _mixing_matrix(b, kernel.dtype, kernel.device, 1.0)
+    with torch.autocast(kernel.device.type, enabled=False):  # formed in fp32 (autocast would round P and k first)
+        return torch.mm(P, kernel.reshape(m * n, b).T).view(3 * (b // 2), m, n).to(dtype)
 
 
 def _writes_in_place(result: torch.Tensor, dtype: torch.dtype, inplace: bool) -> bool:
@@ -293,54 +320,55 @@ class _DftBlockCircularConv(torch.autograd.Function):
     """``result + x @ C(kernel)ᵀ`` through the real DFT as GEMMs, in ``dtype`` (operands) with fp32 accumulation.
 
     Saved for backward: ``x`` as it came (no spectrum: backward recomputes it, one GEMM) and the small blocks.
-    ``inplace``: the inverse GEMM accumulates into ``result`` itself (marked dirty for autograd) when it is
-    contiguous; otherwise into a copy. Under ``torch.compile`` never in place: the compiler fuses the add, and
-    traced in-place writes on views of a graph input break its backward.
+    The kernel gradient is formed from the blocks' gradient with one GEMM (``2b·P``, cached), so the blocks'
+    construction leaves no autograd graph of its own. ``inplace``: the inverse GEMM accumulates into ``result``
+    itself (marked dirty for autograd) when it is contiguous; otherwise into a copy. Under ``torch.compile``
+    never in place: the compiler fuses the add, and traced in-place writes on views of a graph input break its
+    backward.
     """
 
     @staticmethod
-    def forward(ctx, result, x, w_diag, w_im, dtype, inplace):
-        wd, wi = w_diag.to(dtype), w_im.to(dtype)
+    def forward(ctx, result, x, kernel, dtype, inplace):
+        blocks = _dft_blocks(kernel, dtype)
         inplace = _writes_in_place(result, dtype, inplace) and not torch.compiler.is_compiling()
-        out = _dft_forward(result, x, wd, wi, dtype, inplace)
+        out = _dft_forward(result, x, blocks, dtype, inplace)
         if inplace:
             ctx.mark_dirty(result)
-        ctx.save_for_backward(x, wd, wi)
-        ctx.dtype, ctx.block_dtype = dtype, w_diag.dtype
+        ctx.save_for_backward(x, blocks)
+        ctx.dtype, ctx.kernel_dtype = dtype, kernel.dtype
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, wd, wi = ctx.saved_tensors
-        _, S, n, m = wd.shape
+        x, blocks = ctx.saved_tensors
+        S, m, n = blocks.shape[0] // 3, blocks.shape[1], blocks.shape[2]
         b = 2 * S
         transform, (inverse, alpha) = _dft_transforms(b, ctx.dtype, x.device)
         needs = ctx.needs_input_grad
-        grad_x = grad_wd = grad_wi = None
+        grad_x = grad_k = None
         with torch.autocast(x.device.type, enabled=False):
             g_spec = _to_slots(grad_out.reshape(-1, m * b), transform, m)  # (2, S, T, m), over b like the forward's
-            if needs[1]:  # the adjoint: transposed blocks, cross term negated
-                gx_spec = _mix_slots(g_spec, wd.mT, -wi.mT)
+            if needs[1]:
+                gx_spec = _mix_slots(g_spec, blocks, adjoint=True)
                 grad_x = _gemm(_from_slots(gx_spec, b), inverse, alpha).view(x.shape).to(x.dtype)
-            if needs[2] or needs[3]:
+            if needs[2]:
                 spec = _to_slots(x.reshape(-1, n * b), transform, n)  # recomputed, not saved
-                T = spec.shape[2]
-                # ∂L/∂Ŷ = G g = 2R g = 2b·Ĝ: the factor applied in fp32 after the token sum (fresh tensors)
-                grad_wd = _bmm_fp32(spec.view(2 * S, T, n).mT, g_spec.view(2 * S, T, m)).view(2, S, n, m)
-                grad_wi = _bmm_fp32(spec[1].mT, g_spec[0]) - _bmm_fp32(spec[0].mT, g_spec[1])
-                grad_wd, grad_wi = grad_wd.mul_(2 * b).to(ctx.block_dtype), grad_wi.mul_(2 * b).to(ctx.block_dtype)
-        return grad_out if needs[0] else None, grad_x, grad_wd, grad_wi, None, None
+                # ∂L/∂Ŷ = G g = 2b·Ĝ, and the kernel's gradient is the blocks' through Pᵀ: both in one GEMM, 2b·Pᵀ.
+                grad_blocks = _block_grads(g_spec, spec)
+                P = _mixing_matrix(b, grad_blocks.dtype, grad_blocks.device, 2.0 * b)
+                grad_k = torch.mm(grad_blocks.view(3 * S, m * n).T, P).view(m, n, b).to(ctx.kernel_dtype)
+        return grad_out if needs[0] else None, grad_x, grad_k, None, None
 
 
 def _dft_conv_add(
     result: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, dtype: torch.dtype, inplace: bool
 ) -> torch.Tensor:
-    w_diag, w_im = _dft_mixing_blocks(kernel.to(torch.float64 if dtype == torch.float64 else kernel.dtype))
+    kernel = kernel.to(torch.float64 if dtype == torch.float64 else kernel.dtype)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (result, x, kernel)):
-        return _DftBlockCircularConv.apply(result, x, w_diag, w_im, dtype, inplace)
+        return _DftBlockCircularConv.apply(result, x, kernel, dtype, inplace)
     # Inference: no autograd node, nothing saved (and torch.compile traces the in-place accumulation plainly).
-    return _dft_forward(result, x, w_diag.to(dtype), w_im.to(dtype), dtype, _writes_in_place(result, dtype, inplace))
+    return _dft_forward(result, x, _dft_blocks(kernel, dtype), dtype, _writes_in_place(result, dtype, inplace))
 
 
 def _autocast_half_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -398,8 +426,8 @@ def add_block_circular_conv(
       is cheaper, :func:`block_circulant_linear`).
     - bf16 (``u = 2^-8``) and fp16 (``u = 2^-11``), DFT path: operands (transform matrices, spectra, mixing
       blocks) rounded to the format, every product accumulated in fp32, the kernel gradient's sum over tokens
-      returned in fp32 (rounded once to bf16 on CPU, where no GEMM writes fp32 from bf16). The delta's relative
-      error is a few ``u`` (normwise; the tests derive the bound), on top of the output's own rounding.
+      returned in fp32 (on CPU, where no GEMM writes fp32 from bf16, rounded to bf16 once, the cross blocks
+      twice). The delta's relative error is a few ``u`` (normwise; the tests derive the bound), on top of the output's own rounding.
       Whatever ``b``, no half-precision tensor it forms (each GEMM's output; sums run in fp32) exceeds
       ``max|x|`` or the delta's worst-case size ``‖ΔW‖_∞·max|x|``
       (backward: ``max|g|`` and ``‖ΔWᵀ‖_∞·max|g|`` for the output gradient ``g``), so fp16 cannot overflow
