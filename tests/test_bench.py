@@ -27,6 +27,18 @@ def test_ratios_are_paired_per_round():
     assert rows[1]["memory_ratio_to_lora"] == pytest.approx(0.9)
 
 
+def test_ratios_pair_compiled_rows_with_compiled_lora():
+    rows = [
+        {"method": "lora", "compiled": False, "step_seconds": [2.0, 4.0], "peak_memory_bytes": 100},
+        {"method": "c3a", "compiled": False, "step_seconds": [2.2, 4.4], "peak_memory_bytes": 100},
+        {"method": "lora", "compiled": True, "step_seconds": [1.0, 2.0], "peak_memory_bytes": 50},
+        {"method": "c3a", "compiled": True, "step_seconds": [0.9, 1.8], "peak_memory_bytes": 40},
+    ]
+    _add_ratios(rows, "step_seconds")
+    assert [r["ratio_to_lora"] for r in rows] == pytest.approx([1.0, 1.1, 1.0, 0.9])
+    assert rows[3]["memory_ratio_to_lora"] == pytest.approx(0.8)
+
+
 @pytest.fixture
 def tiny_roberta_dir(tmp_path):
     config = RobertaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
@@ -121,3 +133,25 @@ def test_gpu_script_commands_parse():
         add_bench_arguments(parser)
         args = parser.parse_args(argv)
         assert args.device == "cuda" and args.out.startswith("$out/")
+
+
+def test_bench_compile_times_eager_and_compiled_side_by_side(tmp_path, tiny_roberta_dir):
+    out = tmp_path / "bench"
+    args = ["bench", "--model", tiny_roberta_dir, "--methods", "lora:4,c3a:32", "--batch", "2", "--seq", "8",
+            "--warmup", "2", "--rounds", "1", "--threads", "1", "--compile", "--out", str(out)]
+    assert main(args) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["compile"] is True
+    rows = [(m["label"], m["compiled"], m["ratio_to_lora"]) for m in result["methods"]]
+    assert [r[:2] for r in rows] == [("lora (r=4)", False), ("c3a (b=32)", False),
+                                     ("lora (r=4), compiled", True), ("c3a (b=32), compiled", True)]
+    assert rows[0][2] == rows[2][2] == 1.0  # each mode against its own LoRA
+    assert "torch.compile" in (out / "table.md").read_text()
+
+
+def test_bench_compile_refuses_too_few_warmup_steps(tmp_path, tiny_roberta_dir):
+    args = ["bench", "--model", tiny_roberta_dir, "--methods", "lora:4", "--warmup", "1", "--compile",
+            "--out", str(tmp_path / "bench")]
+    with pytest.raises(ValueError, match=r"--compile needs --warmup of at least 2 \(the first steps compile\), got 1"):
+        main(args)
+    assert not (tmp_path / "bench").exists()  # refused before any worker started

@@ -103,12 +103,14 @@ def _autocast(device: str, enabled: bool):
     return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=enabled)
 
 
-def _worker(conn, model, spec, layers, batch, seq, dtype, device, threads, autocast=False):
-    """Build one method's model, then run a training step whenever the parent asks."""
+def _worker(conn, model, spec, layers, batch, seq, dtype, device, threads, autocast=False, compiled=False):
+    """Build one method's model (``torch.compile``'d, default mode, when ``compiled``: the first steps compile),
+    then run a training step whenever the parent asks."""
     try:
         if threads:
             torch.set_num_threads(threads)
         net = build_model(model, spec, layers, getattr(torch, dtype), device)
+        forward = torch.compile(net) if compiled else net
         params = [p for p in net.parameters() if p.requires_grad]
         trainable = sum(p.numel() for p in params)
         optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
@@ -120,7 +122,7 @@ def _worker(conn, model, spec, layers, batch, seq, dtype, device, threads, autoc
                 torch.cuda.synchronize()
             start = time.perf_counter()
             with _autocast(device, autocast):
-                hidden = net(input_ids=ids).last_hidden_state
+                hidden = forward(input_ids=ids).last_hidden_state
             hidden.float().pow(2).mean().backward()
             if optimizer:
                 optimizer.step()
@@ -141,31 +143,36 @@ def _worker(conn, model, spec, layers, batch, seq, dtype, device, threads, autoc
         conn.close()
 
 
-def time_methods(model, specs, layers, batch, seq, dtype, device, threads, warmup, rounds, autocast=False) -> list[dict]:
+def time_methods(model, specs, layers, batch, seq, dtype, device, threads, warmup, rounds, autocast=False,
+                 compiled=False) -> list[dict]:
+    """One worker per method, steps interleaved round by round; with ``compiled``, each method twice, eager and
+    ``torch.compile``'d, each compared with LoRA run the same way."""
     ctx = mp.get_context("spawn")
     workers = []
-    for spec in specs:
-        parent, child = ctx.Pipe()
-        args = (child, model, spec, layers, batch, seq, dtype, device, threads, autocast)
-        proc = ctx.Process(target=_worker, args=args, daemon=True)
-        proc.start()
-        workers.append((spec, parent, proc))
+    for mode in (False, True) if compiled else (False,):
+        for spec in specs:
+            parent, child = ctx.Pipe()
+            args = (child, model, spec, layers, batch, seq, dtype, device, threads, autocast, mode)
+            proc = ctx.Process(target=_worker, args=args, daemon=True)
+            proc.start()
+            workers.append((spec, parent, proc, mode))
     rows = []
     try:
-        for spec, conn, _ in tqdm(workers, desc="building models", leave=False):
+        for spec, conn, _, mode in tqdm(workers, desc="building models", leave=False):
             kind, value = conn.recv()
             if kind == "error":
                 raise RuntimeError(f"{spec.label}: {value}")
-            rows.append({"method": spec.name, "label": spec.label, "value": spec.value, "trainable_params": value, "step_seconds": []})
+            rows.append({"method": spec.name, "label": spec.label + (", compiled" if mode else ""), "value": spec.value,
+                         "compiled": mode, "trainable_params": value, "step_seconds": []})
         for r in tqdm(range(warmup + rounds), desc="interleaved steps"):
-            for row, (spec, conn, _) in zip(rows, workers):
+            for row, (spec, conn, _, _) in zip(rows, workers):
                 conn.send("step")
                 kind, value = conn.recv()
                 if kind == "error":
                     raise RuntimeError(f"{spec.label}: {value}")
                 if r >= warmup:
                     row["step_seconds"].append(value)
-        for row, (spec, conn, proc) in zip(rows, workers):
+        for row, (spec, conn, proc, _) in zip(rows, workers):
             conn.send("stop")
             kind, value = conn.recv()
             if kind == "error":
@@ -173,7 +180,7 @@ def time_methods(model, specs, layers, batch, seq, dtype, device, threads, warmu
             row["peak_memory_bytes"], row["memory_kind"] = value
             proc.join()
     finally:
-        for _, _, proc in workers:
+        for _, _, proc, _ in workers:
             if proc.is_alive():
                 proc.kill()
     _add_ratios(rows, "step_seconds")
@@ -181,9 +188,10 @@ def time_methods(model, specs, layers, batch, seq, dtype, device, threads, warmu
 
 
 def _add_ratios(rows: list[dict], key: str) -> None:
-    """Median, spread and the median of per-round ratios to LoRA (paired: same round, same noise)."""
-    lora = next((r for r in rows if r["method"] == "lora"), None)
+    """Median, spread and the median of per-round ratios to LoRA run the same way, eager or compiled (paired: same
+    round, same noise)."""
     for row in rows:
+        lora = next((r for r in rows if r["method"] == "lora" and r.get("compiled") == row.get("compiled")), None)
         times = row[key]
         q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
         row["median_ms"], row["p25_ms"], row["p75_ms"] = 1e3 * statistics.median(times), 1e3 * q[0], 1e3 * q[2]
@@ -373,7 +381,8 @@ def _fmt_bytes(n: int) -> str:
 def step_table(result: dict) -> str:
     lines = [
         f"Training step, {result['model']} ({result['layers'] or 'all'} layers), batch {result['batch']}×{result['seq']}, "
-        f"{result['dtype']}{' under bf16 autocast' if result.get('autocast') else ''}, {result['device_name']}, "
+        f"{result['dtype']}{' under bf16 autocast' if result.get('autocast') else ''}"
+        f"{', eager and torch.compile (default mode)' if result.get('compile') else ''}, {result['device_name']}, "
         f"{result['threads']} threads; "
         f"{result['rounds']} interleaved rounds. Memory: {result['memory_kind']}.",
         "",
@@ -493,6 +502,9 @@ def add_bench_arguments(p) -> None:
     p.add_argument("--rounds", type=positive_int, default=10)
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads per worker (default: torch's)")
     p.add_argument("--autocast", action="store_true", help="run forward passes under torch.autocast(bfloat16)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time every method torch.compile'd (default mode), interleaved with the eager steps; "
+                        "compiled rows are compared with compiled LoRA (the warm-up steps compile: at least 2)")
     p.add_argument("--operator", action="store_true", help="also run the operator micro-benchmark")
     p.add_argument("--op-shapes", default="768x768,1024x1024,4096x4096")
     p.add_argument("--op-blocks", default="64,128,256")
@@ -515,6 +527,10 @@ def run_bench(args) -> int:
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if not specs and not args.operator:
         raise ValueError("nothing to run: give --methods or --operator")
+    if args.compile and not specs:
+        raise ValueError("--compile times the methods' training steps: give --methods")
+    if args.compile and args.warmup < 2:
+        raise ValueError(f"--compile needs --warmup of at least 2 (the first steps compile), got {args.warmup}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available")
     if specs:  # a bad --model fails here, in one line, not inside every worker
@@ -527,13 +543,13 @@ def run_bench(args) -> int:
             raise ValueError(f"--op-shapes: {args.op_shapes!r} must be IN_xOUT pairs such as 768x768,4096x1024")
         blocks, tokens = _positive_ints("--op-blocks", args.op_blocks), _positive_ints("--op-tokens", args.op_tokens)
     rows = time_methods(args.model, specs, args.layers, args.batch, args.seq, dtype, args.device, args.threads,
-                        args.warmup, args.rounds, args.autocast) if specs else []
+                        args.warmup, args.rounds, args.autocast, args.compile) if specs else []
     if args.threads:  # the operator grid runs in this process
         torch.set_num_threads(args.threads)
     result = {
         "experiment": "bench", "model": args.model, "layers": args.layers, "batch": args.batch, "seq": args.seq,
         "dtype": dtype, "autocast": args.autocast, "device": args.device, "device_name": _device_name(args.device),
-        "threads": args.threads or torch.get_num_threads(), "rounds": args.rounds,
+        "threads": args.threads or torch.get_num_threads(), "rounds": args.rounds, "compile": args.compile,
         "memory_kind": rows[0]["memory_kind"] if rows else None, "methods": rows,
     }
     if args.operator:
