@@ -69,7 +69,7 @@ class C3AConfig(peft.C3AConfig):
     )
     exact_delta: bool = field(
         default=False,
-        metadata={"help": "Half precision: compute the delta in fp32 and round the output once (slower; see README)."},
+        metadata={"help": "Half precision: compute the delta in fp32 and round the output once (slower; see docs/performance.md)."},
     )
     # The digest of the weights saved beside the config file (c3a.io.checkpoint_record): read from the file, kept
     # off the dataclass fields (a loaded config equals the one saved), checked when the adapter is loaded.

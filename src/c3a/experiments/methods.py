@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Callable, Mapping, Optional
 
-from torch import nn
+if TYPE_CHECKING:  # the registry itself needs no torch: `c3a <command> --help` lists the methods without it
+    from torch import nn
 
 
 @dataclass
@@ -221,12 +222,10 @@ def _grid(option: str, *values: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
 
 
 # Learning rates: `grid` is what a suite row without lr chooses from on validation, `lr` the single-run default.
-# Sequence classification (the fields of each entry) comes from measurements in docs/results.md: the grids from a
-# probe (all-MiniLM-L6-v2, SST-2, 2,000 rows, 2 epochs = 125 steps, head lr 4e-3): each method's best there and the
-# two values below it on the ×3 ladder. The single-run `lr` is the grid value whose worst loss against the best
-# value, over four settings (that probe; full-data SST-2 at 3 epochs, MRPC and CoLA at 10), is smallest: the middle
-# for every adapter (LoRA's and VeRA's top collapsed to the majority class on MRPC and CoLA, C³A's trailed by up
-# to 23 points), the top for `head` and `full`.
+# Sequence classification (the fields of each entry): the grids and single-run `lr`s come from an early
+# learning-rate probe (all-MiniLM-L6-v2 on SST-2, MRPC and CoLA; each method's best and the two values below it
+# on the ×3 ladder; the single-run value the one least far from the best across settings). Those runs are not
+# stored, so they are defaults, not results: the suite selects on validation over the grid (docs/experiments.md).
 # The task head trains at 4e-3 for every method, so heads are treated alike; `head` alone tunes the head's rate.
 HEAD_LR = 4e-3
 # Instruction tuning a causal LM (`causal_lm`): the paper's Table-3 setting. LoRA r=32 with dropout 0.05 and
