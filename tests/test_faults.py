@@ -514,19 +514,19 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_cli_data_errors_name_file_and_line(tmp_path, capsys, monkeypatch):
-    import c3a.analysis_cli
+    import c3a.rank
 
     def bad_data(*_, **__):
         raise ValueError(f"{tmp_path}/train.jsonl:3: expected a JSON object")
 
-    monkeypatch.setattr(c3a.analysis_cli, "adapter_ranks", bad_data)
+    monkeypatch.setattr(c3a.rank, "adapter_ranks", bad_data)
     assert main(["rank", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"c3a rank: error: {tmp_path}/train.jsonl:3: expected a JSON object\n"
 
     def bug(*_, **__):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(c3a.analysis_cli, "adapter_ranks", bug)
+    monkeypatch.setattr(c3a.rank, "adapter_ranks", bug)
     with pytest.raises(KeyError, match="a bug"):  # not a user error: the traceback stays
         main(["rank", str(tmp_path)])
 

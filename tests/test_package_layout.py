@@ -143,3 +143,36 @@ def test_c3a_analysis_still_offers_its_old_names(home):
     for name in OLD_ANALYSIS_NAMES[home]:
         assert getattr(c3a.analysis, name) is getattr(module, name), name
     assert sorted(c3a.analysis.__all__) == sorted(n for names in OLD_ANALYSIS_NAMES.values() for n in names)
+
+
+REGISTERED = (
+    "from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING\n"
+    "from peft.utils import PeftType\n"
+    "print(PEFT_TYPE_TO_TUNER_MAPPING[PeftType.C3A].__module__)\n"
+)
+
+
+@pytest.mark.parametrize("first", [
+    "import c3a\nimport peft",  # the README's order
+    "import peft\nimport c3a",
+    "from c3a.config import C3AConfig",  # a c3a module that imports PEFT itself
+    "import c3a, importlib.util\nimportlib.util.find_spec('peft')\nimport transformers.modeling_utils\nimport peft",
+])
+def test_importing_c3a_registers_its_tuner_whichever_comes_first(first):
+    """``import c3a`` imports neither torch nor PEFT (the command answers --help at once) and still registers its
+    tuner, the moment PEFT is imported; a spec lookup of PEFT (transformers' availability check) loads nothing."""
+    code = (
+        "import sys\n" + first + "\n" + REGISTERED
+        + "print(type(sys.modules['peft'].__spec__.loader).__module__)\n"  # PEFT's own loader, not c3a's wrapper
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["c3a.tuner", "_frozen_importlib_external"]
+
+
+def test_import_c3a_alone_imports_neither_torch_nor_peft():
+    code = "import sys, c3a\nprint(sorted(m for m in ('torch', 'peft', 'transformers') if m in sys.modules))\n" + (
+        "c3a.C3ALinear\n" + REGISTERED)  # a public name, imported on first use, registers too
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["[]", "c3a.tuner"]

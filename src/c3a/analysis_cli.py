@@ -2,7 +2,8 @@
 :mod:`c3a.export` and :mod:`c3a.experiments.params`.
 
 A command-line module, not part of the library: it may import the experiments (``c3a params`` counts any method of
-the registry), and nothing in the library imports it (docs/design.md)."""
+the registry), and nothing in the library imports it (docs/design.md). Torch and PEFT are imported when a command
+runs, not when its options are declared (``c3a rank --help`` answers at once)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import dataclasses
 import json
 import os
 from collections import Counter, defaultdict
+from typing import TYPE_CHECKING
 
 from .argtypes import block_size, positive_int
-from .experiments.params import count_parameters, counted_methods
-from .export import to_lora
+from .experiments.params import counted_methods
 from .io import check_outputs_apart
-from .rank import LayerRank, adapter_ranks
+
+if TYPE_CHECKING:
+    from .rank import LayerRank
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -73,6 +76,8 @@ def _rank_summary(layers: list[LayerRank]) -> str:
 
 
 def run_rank(args: argparse.Namespace) -> int:
+    from .rank import adapter_ranks
+
     check_outputs_apart({"--plot": args.plot}, {f"ADAPTER {source}": source for source in args.adapter})
     per_adapter = {source: adapter_ranks(source) for source in args.adapter}
     layers = [layer for found in per_adapter.values() for layer in found]
@@ -117,7 +122,7 @@ def add_params_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help=f"{', '.join([*PAPER_MODELS, *MODEL_SHORTCUTS])}, or any hub id / folder with a config.json "
                         "(config only)")
-    p.add_argument("--method", required=True, choices=counted_methods())
+    p.add_argument("--method", required=True, choices=counted_methods(), help="the method to count")
     p.add_argument("--block-size", type=block_size, default="auto",
                    help='C³A block size, or "auto" (the default): per layer, within LoRA rank --rank\'s parameters')
     p.add_argument("--rank", type=positive_int, default=8,
@@ -127,6 +132,8 @@ def add_params_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_params(args: argparse.Namespace) -> int:
+    from .experiments.params import count_parameters
+
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
     report = count_parameters(args.model, args.method, block_size=args.block_size, rank=args.rank, targets=targets)
     if args.json:
@@ -175,6 +182,8 @@ def add_export_lora_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_export_lora(args: argparse.Namespace) -> int:
     from peft.utils import CONFIG_NAME
+
+    from .export import to_lora
 
     check_outputs_apart({"--out": args.out}, {"ADAPTER": args.adapter})
     if os.path.exists(args.out) and not os.path.isdir(args.out):

@@ -23,7 +23,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
-    "demo": ("c3a.experiments.synthetic", "synthetic expressiveness experiment (paper Fig. 3): dense vs rank-1 vs C³A"),
+    "demo": ("c3a.experiments.demo", "synthetic expressiveness experiment (paper Fig. 3): dense vs rank-1 vs C³A"),
     "rank": ("c3a.analysis_cli", "exact rank of each adapted layer's ΔW, from the kernels alone"),
     "params": ("c3a.analysis_cli", "trainable parameters and time/space terms of a method on a model (no download)"),
     "export-lora": ("c3a.analysis_cli", "convert a C³A adapter to the best rank-R PEFT LoRA adapter"),
@@ -41,6 +41,18 @@ def _quiet_third_parties() -> None:
     ``is_gradient_checkpointing`` property, which PEFT reads whenever it wraps a model (bitsandbytes' import notice
     is quieted by ``c3a`` itself, which imports PEFT before any command runs)."""
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+class _Help(argparse.HelpFormatter):
+    """argparse's ``ArgumentDefaultsHelpFormatter``, less the noise: an option's default is shown unless its help
+    already states one, and not when there is none (``None``, an unset flag)."""
+
+    def _get_help_string(self, action):
+        text, default = action.help or "", action.default
+        if not action.option_strings or default in (None, False, [], argparse.SUPPRESS) or "default" in text:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"  # the help text is %-formatted next
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,12 +74,12 @@ def main(argv: list[str] | None = None, *, one_line_errors: bool | None = None) 
         one_line_errors = argv is None
     argv = sys.argv[1:] if argv is None else argv
     _quiet_third_parties()
-    parser = _Parser(prog="c3a", description="C³A: circular convolution adaptation")
+    parser = _Parser(prog="c3a", description="C³A: circular convolution adaptation", formatter_class=_Help)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (_, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_Help)
         if name == chosen:
             _function(name, "add")(p)
     args = parser.parse_args(argv)

@@ -19,9 +19,10 @@ import socket
 import tempfile
 import time
 from contextlib import contextmanager
-from typing import Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Iterator, Mapping, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 CHECKPOINT_KEY = "c3a_checkpoint"  # in adapter_config.json: {"weights": file name, "sha256": ..., "tensors": count}
 STALE_TMP_SECONDS = 24 * 3600  # a temporary file whose writer we cannot identify is removed after this long
@@ -127,6 +128,8 @@ def atomic_write_text(path: str, text: str) -> None:
 def tensor_digest(state: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 over every ``(name, dtype, shape, bytes)`` of ``state``, in name order: what a weights file holds,
     independent of its format (safetensors or ``torch.save``) and of tensor layout."""
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name]
@@ -163,6 +166,8 @@ def _readable(path: str) -> Iterator[None]:
 def read_weights(path: str) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors or ``torch.save`` weights file; a truncated or damaged file raises
     :class:`IncompleteCheckpointError` naming it."""
+    import torch
+
     with _readable(path):
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -173,6 +178,8 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
 
 def weight_shapes(path: str) -> dict[str, tuple[int, ...]]:
     """``{key: shape}`` of a weights file without reading its tensors (safetensors: the header only)."""
+    import torch
+
     with _readable(path):
         if path.endswith(".safetensors"):
             from safetensors import safe_open
@@ -185,6 +192,8 @@ def weight_shapes(path: str) -> dict[str, tuple[int, ...]]:
 def weight_dtypes(path: str) -> dict[str, torch.dtype]:
     """``{key: dtype}`` of a weights file without reading its tensors' data (safetensors: an empty slice of each,
     or the tensor itself when it has no dimension to slice: one number)."""
+    import torch
+
     with _readable(path):
         if path.endswith(".safetensors"):
             from safetensors import safe_open

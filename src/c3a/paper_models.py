@@ -14,15 +14,18 @@ import os
 import shutil
 import socket
 from dataclasses import dataclass
-from typing import Callable, Optional
-
-from torch import nn
-from transformers import AutoConfig, LlamaConfig, PretrainedConfig, RobertaConfig, ViTConfig
+from typing import TYPE_CHECKING, Callable, Optional
 
 from c3a.io import file_mode
 
+if TYPE_CHECKING:  # imported where used: the names of this module are in `c3a <command> --help`, which needs no torch
+    from torch import nn
+    from transformers import LlamaConfig, PretrainedConfig, RobertaConfig, ViTConfig
+
 
 def _roberta(hidden: int, layers: int, heads: int) -> RobertaConfig:
+    from transformers import RobertaConfig
+
     return RobertaConfig(
         vocab_size=50265,
         hidden_size=hidden,
@@ -40,6 +43,8 @@ def _roberta(hidden: int, layers: int, heads: int) -> RobertaConfig:
 
 def _llama(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int, context: int,
            rope_theta: float = 10000.0) -> LlamaConfig:
+    from transformers import LlamaConfig
+
     return LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -54,6 +59,8 @@ def _llama(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: in
 
 
 def _vit(hidden: int, layers: int, heads: int) -> ViTConfig:
+    from transformers import ViTConfig
+
     return ViTConfig(
         hidden_size=hidden,
         num_hidden_layers=layers,
@@ -192,6 +199,8 @@ def _convert_gguf(gguf_file: str, out: str) -> None:
 
 def model_config(name: str) -> PretrainedConfig:
     """A built-in model's config, else ``AutoConfig.from_pretrained`` of the name (a shortcut resolved first)."""
+    from transformers import AutoConfig
+
     if name in PAPER_MODELS:
         config = PAPER_MODELS[name]()
         config._name_or_path = name

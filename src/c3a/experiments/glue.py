@@ -19,7 +19,7 @@ from c3a.experiments.glue_tasks import METRICS, Task, accuracy, matthews_corrcoe
 # -- c3a glue -------------------------------------------------------------------------------------------
 def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `c3a glue` that `c3a glue-suite` passes on to every cell."""
-    from c3a.experiments.train import add_method_arguments, add_training_arguments
+    from c3a.experiments.options import add_method_arguments, add_training_arguments
     from c3a.paper_models import MODEL_SHORTCUTS
 
     parser.add_argument(
@@ -41,9 +41,9 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_glue_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", required=True, choices=sorted(TASKS))
-    parser.add_argument("--method", required=True, choices=list(METHODS))
-    parser.add_argument("--seed", type=nonnegative_int, default=0)
+    parser.add_argument("--task", required=True, choices=sorted(TASKS), help="the GLUE task")
+    parser.add_argument("--method", required=True, choices=list(METHODS), help="the fine-tuning method (the registry's)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="validation split, initialisation and data order")
     parser.add_argument("--out", help="output folder (default: c3a-glue/<task>/<method>/seed<seed>)")
     add_shared_arguments(parser)
 

@@ -317,7 +317,7 @@ PROMPT_STYLES = ("auto", "chat", "plain")
 
 def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `c3a sft` that `c3a sft-suite` passes on to every cell."""
-    from c3a.experiments.train import add_method_arguments, add_training_arguments
+    from c3a.experiments.options import add_method_arguments, add_training_arguments
     from c3a.paper_models import MODEL_SHORTCUTS
 
     parser.add_argument("--model", required=True,
@@ -342,9 +342,9 @@ def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="hub dataset id, local dataset folder, or a JSON/JSONL/CSV/Parquet file (default: the format's hub dataset)")
     parser.add_argument("--data-config", help="the hub dataset's configuration (e.g. 'main' for openai/gsm8k)")
     parser.add_argument("--eval-data", help="evaluate on this dataset instead (its test split, else its only split), e.g. MATH after MetaMathQA")
-    parser.add_argument("--eval-data-config")
-    parser.add_argument("--method", required=True, choices=list(METHODS))
-    parser.add_argument("--seed", type=nonnegative_int, default=0)
+    parser.add_argument("--eval-data-config", help="the --eval-data hub dataset's configuration")
+    parser.add_argument("--method", required=True, choices=list(METHODS), help="the fine-tuning method (the registry's)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="initialisation and data order")
     parser.add_argument("--out", help="output folder (default: c3a-sft/<format>/<method>/seed<seed>)")
     add_shared_arguments(parser)
     parser.epilog = ("Defaults follow the registry's causal-LM setting: LoRA r=32, α=64, dropout 0.05; C³A block sizes "

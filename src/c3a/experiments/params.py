@@ -4,16 +4,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
-import torch
-from torch import nn
-
-from c3a.blocksize import BlockSizeChoice, choose_block_sizes, target_shapes
 from c3a.experiments.methods import (
     METHODS, PAPER, Complexity, MethodOptions, build_method, default_targets, trainable_parameters,
 )
-from c3a.layer import c3a_layers
+
+if TYPE_CHECKING:  # imported where used: `c3a params --help` lists counted_methods() without torch
+    from torch import nn
+
+    from c3a.blocksize import BlockSizeChoice
 
 __all__ = [
     "COMPLEXITY", "HEAD_MODULES", "PAPER", "Complexity", "ParamReport", "count_parameters", "counted_methods",
@@ -84,8 +84,11 @@ def count_parameters(
     ``block_size="auto"`` picks C³A block sizes matching LoRA rank ``rank`` (:func:`c3a.blocksize.choose_block_sizes`);
     the choices and their reasons are in the report.
     """
+    import torch
     from transformers import AutoModel
 
+    from c3a.blocksize import choose_block_sizes, target_shapes
+    from c3a.layer import c3a_layers
     from c3a.paper_models import model_config, query_value_targets
 
     if method not in counted_methods():

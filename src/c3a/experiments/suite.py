@@ -60,7 +60,7 @@ def add_suite_arguments(parser: argparse.ArgumentParser, experiment: Experiment)
         "form a grid chosen on validation, e.g. lora:lr=2e-4,5e-4,1e-3. A row without lr (and no suite --lr) "
         f"gets its method's default grid from the registry (default: {' '.join(experiment.default_methods)})",
     )
-    parser.add_argument("--seeds", nargs="+", default=["0", "1", "2"])
+    parser.add_argument("--seeds", nargs="+", default=["0", "1", "2"], help="seeds every chosen grid point runs with")
     parser.add_argument(
         "--select-seeds", nargs="+",
         help="seeds whose validation scores choose the grid point (default: all --seeds); the other seeds run at "

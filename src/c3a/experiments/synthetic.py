@@ -18,7 +18,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from c3a.argtypes import positive_int
 from c3a.functional import block_circular_conv
 from c3a.io import atomic_path, atomic_write_text
 
@@ -26,7 +25,7 @@ METHODS = ("linear", "lora", "c3a")
 CLASSES, POINTS_PER_CLASS = 8, 30
 RADIUS, NOISE = 1.0, 0.3  # adjacent centres are 0.77 apart, so neighbouring clusters overlap
 WIDTH, BLOCK_SIZE = 128, 64
-STEPS, LR = 2000, 3e-3  # full-batch Adam, the same for every method
+LR = 3e-3  # full-batch Adam, the same for every method (its steps: `c3a demo --steps`)
 LABELS = {"linear": "linear (dense)", "lora": "lora (rank 1)", "c3a": f"c3a (block {BLOCK_SIZE})"}
 
 
@@ -177,14 +176,8 @@ def plot(runs: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="c3a-demo", help="output folder (default: ./c3a-demo)")
-    parser.add_argument("--seeds", type=positive_int, default=3, help="number of seeds, 0..N-1 (default: 3)")
-    parser.add_argument("--steps", type=positive_int, default=STEPS, help=f"full-batch Adam steps (default: {STEPS})")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
-
-
 def run_demo(args: argparse.Namespace) -> int:
+    """`c3a demo` (its options: :mod:`c3a.experiments.demo`)."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda given but no CUDA device is available")
     runs = []

@@ -23,8 +23,6 @@ import torch
 from torch import nn
 from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments
 
-from c3a.argtypes import block_size, fraction, nonnegative_float, nonnegative_int, positive_float, positive_int
-from c3a.config import INIT_CHOICES
 from c3a.experiments.methods import METHODS, MethodOptions, is_head_param
 from c3a.io import atomic_write_text
 from c3a.paper_models import SHORTCUT_HUB_IDS
@@ -274,21 +272,7 @@ def write_results(path: str, results: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(results, indent=2, default=str) + "\n")
 
 
-# -- command-line options shared by the experiment commands ---------------------------------------------
-def add_method_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of the registry's methods; each left out keeps the method's default (:func:`method_options`)."""
-    group = parser.add_argument_group("method options (default: the registry's)")
-    group.add_argument("--block-size", type=block_size,
-                       help="C³A block size, an integer or 'auto' (the default: per layer, the smallest block size "
-                       "within LoRA rank --rank's parameters)")
-    group.add_argument("--rank", type=positive_int, help="LoRA / VeRA rank (default 8)")
-    group.add_argument("--alpha", type=positive_float, help="LoRA alpha (default 2·rank)")
-    group.add_argument("--dropout", type=fraction, help="LoRA dropout (default 0)")
-    group.add_argument("--targets", nargs="+", help="modules to adapt (default: PEFT's default for the model type)")
-    group.add_argument("--init-weights", choices=[*INIT_CHOICES, "zeros"],
-                       help="C³A kernel init (default xavier_uniform, PEFT's); zeros: ΔW starts at 0, as LoRA's does")
-
-
+# -- from command-line options (declared in c3a.experiments.options) ------------------------------------
 def method_options(args: argparse.Namespace, head: list[str], setting: str = "classification") -> MethodOptions:
     """The options given on the command line, else ``args.method``'s defaults in ``setting``, else MethodOptions'."""
     given = {"targets": args.targets, "block_size": args.block_size, "rank": args.rank, "alpha": args.alpha,
@@ -297,30 +281,8 @@ def method_options(args: argparse.Namespace, head: list[str], setting: str = "cl
     return MethodOptions(head=head, **{**defaults, **{k: v for k, v in given.items() if v is not None}})
 
 
-def add_training_arguments(
-    parser: argparse.ArgumentParser, *, epochs: float, batch_size: int, head: bool = True, seed: bool = True
-) -> None:
-    """Training options read by :func:`train_config`; ``head=False`` for models without a new task head,
-    ``seed=False`` where the caller declares ``--seed`` itself (a suite runs several)."""
-    group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=positive_float, default=epochs)
-    group.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps (overrides --epochs)")
-    group.add_argument("--batch-size", type=positive_int, default=batch_size, help="per device")
-    group.add_argument("--grad-accum", type=positive_int, default=1, help="gradient accumulation steps")
-    group.add_argument("--lr", type=positive_float, help="learning rate of the method's parameters (default: the method's)")
-    if head:
-        group.add_argument("--head-lr", type=positive_float, help="learning rate of the task head (default: the method's)")
-    group.add_argument("--weight-decay", type=nonnegative_float, help="default: the method's")
-    group.add_argument("--warmup-ratio", type=fraction, default=0.06)
-    group.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (autocast)")
-    group.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory, more time")
-    group.add_argument("--group-by-length", action="store_true", help="batch examples of similar length together: less padding, faster")
-    if seed:
-        group.add_argument("--seed", type=nonnegative_int, default=0)
-
-
 def train_config(args: argparse.Namespace, output_dir: str, setting: str = "classification", **training_args) -> TrainConfig:
-    """:class:`TrainConfig` from :func:`add_training_arguments`' options and ``args.method``'s defaults in
+    """:class:`TrainConfig` from :func:`c3a.experiments.options.add_training_arguments`' options and ``args.method``'s defaults in
     ``setting`` (:meth:`Method.defaults`)."""
     method = METHODS[args.method]
     defaults = method.defaults(setting)

@@ -92,7 +92,7 @@ def accuracy(prediction) -> dict[str, float]:
 
 # -- c3a vit --------------------------------------------------------------------------------------------
 def add_vit_arguments(parser: argparse.ArgumentParser) -> None:
-    from c3a.experiments.train import add_method_arguments, add_training_arguments
+    from c3a.experiments.options import add_method_arguments, add_training_arguments
 
     parser.add_argument("--model", required=True, help="hub id or local folder of an image classifier, e.g. google/vit-base-patch16-224-in21k")
     source = parser.add_mutually_exclusive_group(required=True)
