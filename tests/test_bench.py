@@ -155,3 +155,32 @@ def test_bench_compile_refuses_too_few_warmup_steps(tmp_path, tiny_roberta_dir):
     with pytest.raises(ValueError, match=r"--compile needs --warmup of at least 2 \(the first steps compile\), got 1"):
         main(args)
     assert not (tmp_path / "bench").exists()  # refused before any worker started
+
+
+def test_bench_serve_mixed_batches_over_adapter_counts(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path / "llama")
+    out = tmp_path / "serve"
+    assert main(["bench", "--model", str(tmp_path / "llama"), "--serve", "1,4", "--serve-methods", "frozen,lora:4,c3a:16",
+                 "--serve-batch", "6", "--seq", "8", "--warmup", "1", "--rounds", "1", "--threads", "1",
+                 "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["methods"] == [] and result["serve_batch"] == 6
+    rows = [(r["method"], r["adapters"], r["distinct_in_batch"]) for r in result["serve"]]
+    assert rows == [("frozen", 0, 0), ("lora", 1, 1), ("c3a", 1, 1), ("frozen", 0, 0), ("lora", 4, 4), ("c3a", 4, 4)]
+    by = {(r["method"], r["adapters"]): r for r in result["serve"]}
+    # every adapter is resident: weights grow with N (c3a: one layer's q/v kernels, 32·32/16 + 32·16/16 fp32 each)
+    assert by["c3a", 4]["adapter_bytes"] == 4 * by["c3a", 1]["adapter_bytes"] == 4 * 4 * (64 + 32)
+    for r in result["serve"]:
+        assert r["forward_ms"] > 0 and r["generate_tokens_per_s"] > 0
+    assert by["lora", 4]["forward_ratio_to_lora"] == 1.0
+    assert (out / "serve.png").stat().st_size > 0 and "| c3a (b=16) | 4 | 4 |" in (out / "table.md").read_text()
+
+
+def test_bench_serve_refuses_methods_that_cannot_route_rows(tmp_path, tiny_roberta_dir):
+    with pytest.raises(ValueError, match=r"--serve-methods: vera \(r=8\): choose from frozen, lora:RANK, c3a:BLOCK_SIZE"):
+        main(["bench", "--model", tiny_roberta_dir, "--serve", "2", "--serve-methods", "lora:4,vera:8",
+              "--out", str(tmp_path / "serve")])
+    assert not (tmp_path / "serve").exists()

@@ -204,6 +204,197 @@ def _add_ratios(rows: list[dict], key: str) -> None:
             row["memory_ratio_to_lora"] = row["peak_memory_bytes"] / lora["peak_memory_bytes"]
 
 
+# -- serving many adapters ------------------------------------------------------------------------------------
+SERVE_PROMPT, SERVE_NEW_TOKENS = 16, 16
+
+
+def build_served_model(model: str, spec: Spec, adapters: int, layers: Optional[int], dtype: torch.dtype, device: str):
+    """``model`` (random weights; a causal LM when its config is one, so that it can generate) with ``adapters``
+    adapters ``a0, a1, ...`` of one method (c3a: block size ``spec.value``; lora: rank), every one non-zero and
+    different, or the bare model for ``frozen``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from c3a import C3AConfig
+    from c3a.paper_models import model_config, query_value_targets
+
+    config = model_config(model)
+    if layers:
+        config.num_hidden_layers = layers
+    torch.manual_seed(0)
+    causal = any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
+    net = (AutoModelForCausalLM if causal else AutoModel).from_config(config, dtype=dtype).to(device).eval()
+    if spec.name == "frozen":
+        return net, causal
+    targets = query_value_targets(net)
+    if spec.name == "c3a":
+        adapter = C3AConfig(block_size=spec.value or 64, target_modules=targets, init_weights="xavier_uniform")
+    elif spec.name == "lora":
+        rank = spec.value or 8
+        adapter = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False)
+    else:
+        raise ValueError(f"--serve: {spec.label} cannot route rows to adapters; use c3a, lora and frozen")
+    net = get_peft_model(net, adapter, adapter_name="a0")
+    for i in range(1, adapters):
+        net.add_adapter(f"a{i}", adapter)  # a fresh random initialisation each
+    return net.to(device).eval(), causal
+
+
+def _serve_worker(conn, model, spec, adapters, layers, batch, seq, dtype, device, threads):
+    """Build one served model, then time a mixed-batch forward or ``generate`` whenever the parent asks."""
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        net, causal = build_served_model(model, spec, adapters, layers, getattr(torch, dtype), device)
+        vocab = net.config.vocab_size
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(1, vocab, (batch, seq), generator=g).to(device)
+        prompt = torch.randint(1, vocab, (batch, SERVE_PROMPT), generator=g).to(device)
+        routed = {} if spec.name == "frozen" else {"adapter_names": [f"a{i % adapters}" for i in range(batch)]}
+        adapter_bytes = sum(p.numel() * p.element_size() for n, p in net.named_parameters()
+                            if "c3a_kernel" in n or "lora_" in n)
+
+        def timed(fn):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            with torch.inference_mode():
+                fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            return time.perf_counter() - start
+
+        calls = {"forward": lambda: net(input_ids=ids, **routed)}
+        if causal:
+            calls["generate"] = lambda: net.generate(
+                input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=SERVE_NEW_TOKENS,
+                min_new_tokens=SERVE_NEW_TOKENS, do_sample=False, pad_token_id=0, **routed,
+            )
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        conn.send(("ready", {"adapter_bytes": adapter_bytes, "calls": list(calls)}))
+        while (request := conn.recv()) != "stop":
+            conn.send(("time", timed(calls[request])))
+        conn.send(("memory", _peak_memory(device)))
+    except Exception as e:  # report, so the parent can name the failing method
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        conn.close()
+
+
+def serve_methods(model, specs, counts, layers, batch, seq, dtype, device, threads, warmup, rounds) -> list[dict]:
+    """For each adapter count N: one worker per method, a batch whose row i names adapter ``a{i mod N}``, forward
+    and (causal LMs) ``generate`` timed in interleaved rounds; ratios to the first LoRA row with the same N."""
+    ctx = mp.get_context("spawn")
+    rows = []
+    for n in tqdm(counts, desc="adapter counts"):
+        workers = []
+        for spec in specs:
+            parent, child = ctx.Pipe()
+            args = (child, model, spec, n, layers, batch, seq, dtype, device, threads)
+            proc = ctx.Process(target=_serve_worker, args=args, daemon=True)
+            proc.start()
+            workers.append((spec, parent, proc))
+        group = []
+        try:
+            for spec, conn, _ in workers:
+                kind, value = conn.recv()
+                if kind == "error":
+                    raise RuntimeError(f"{spec.label}, {n} adapters: {value}")
+                group.append({"method": spec.name, "label": spec.label, "value": spec.value,
+                              "adapters": 0 if spec.name == "frozen" else n,
+                              "distinct_in_batch": 0 if spec.name == "frozen" else min(n, batch),
+                              "adapter_bytes": value["adapter_bytes"], **{f"{c}_seconds": [] for c in value["calls"]}})
+            for r in range(warmup + rounds):
+                for call in ("forward", "generate"):
+                    for row, (spec, conn, _) in zip(group, workers):
+                        if f"{call}_seconds" not in row:
+                            continue
+                        conn.send(call)
+                        kind, value = conn.recv()
+                        if kind == "error":
+                            raise RuntimeError(f"{spec.label}, {n} adapters, {call}: {value}")
+                        if r >= warmup:
+                            row[f"{call}_seconds"].append(value)
+            for row, (spec, conn, proc) in zip(group, workers):
+                conn.send("stop")
+                kind, value = conn.recv()
+                if kind == "error":
+                    raise RuntimeError(f"{spec.label}, {n} adapters: {value}")
+                row["peak_memory_bytes"], row["memory_kind"] = value
+                proc.join()
+        finally:
+            for _, _, proc in workers:
+                if proc.is_alive():
+                    proc.kill()
+        lora = next((row for row in group if row["method"] == "lora"), None)
+        for row in group:
+            for call in ("forward", "generate"):
+                times = row.get(f"{call}_seconds")
+                if not times:
+                    continue
+                row[f"{call}_ms"] = 1e3 * statistics.median(times)
+                if lora is not None:
+                    row[f"{call}_ratio_to_lora"] = _paired_ratio(times, lora[f"{call}_seconds"])
+            if row.get("generate_seconds"):
+                row["generate_tokens_per_s"] = batch * SERVE_NEW_TOKENS / statistics.median(row["generate_seconds"])
+        rows += group
+    return rows
+
+
+def serve_table(result: dict) -> str:
+    rows = result["serve"]
+    lines = [
+        f"Serving mixed batches, {result['model']} ({result['layers'] or 'all'} layers), {result['serve_batch']} rows "
+        f"(row i → adapter i mod N), forward over {result['seq']} tokens"
+        + (f", generate {SERVE_PROMPT}+{SERVE_NEW_TOKENS} tokens (greedy)" if any("generate_ms" in r for r in rows) else "")
+        + f", {result['dtype']}, {result['device_name']}, {result['rounds']} interleaved rounds; × LoRA: median of "
+          "paired ratios to the first LoRA row with the same N. Memory: " + str(rows[0]["memory_kind"]) + ".",
+        "",
+        "| method | adapters N | distinct in batch | adapter weights | forward ms | × LoRA | generate ms | × LoRA | "
+        "generate tokens/s | peak memory |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def cell(row, key, fmt):
+        return format(row[key], fmt) if key in row else "–"
+
+    for r in rows:
+        lines.append(
+            f"| {r['label']} | {r['adapters']} | {r['distinct_in_batch']} | {r['adapter_bytes'] / 2**20:.2f} MiB | "
+            f"{cell(r, 'forward_ms', '.1f')} | {cell(r, 'forward_ratio_to_lora', '.3f')} | {cell(r, 'generate_ms', '.1f')} | "
+            f"{cell(r, 'generate_ratio_to_lora', '.3f')} | {cell(r, 'generate_tokens_per_s', '.0f')} | "
+            f"{_fmt_bytes(r['peak_memory_bytes'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_serve(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["serve"] if r["method"] != "frozen"]
+    calls = [c for c in ("forward", "generate") if any(f"{c}_ms" in r for r in rows)]
+    fig, axes = plt.subplots(1, len(calls), figsize=(5.5 * len(calls), 4.2), squeeze=False)
+    for ax, call in zip(axes[0], calls):
+        for label in dict.fromkeys(r["label"] for r in rows):
+            sel = [r for r in rows if r["label"] == label and f"{call}_ms" in r]
+            ax.plot([r["adapters"] for r in sel], [r[f"{call}_ms"] for r in sel], "o-", label=label,
+                    color="tab:red" if "c3a" in label else None)
+        frozen = [r for r in result["serve"] if r["method"] == "frozen" and f"{call}_ms" in r]
+        if frozen:
+            ax.axhline(statistics.median(r[f"{call}_ms"] for r in frozen), color="k", ls="--", label="frozen model")
+        ax.set(xscale="log", xlabel="adapters N in the batch", ylabel=f"{call} ms (median)", title=call)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{result['model']}, {result['serve_batch']} rows, {result['device_name']}")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
 # -- operator micro-benchmark --------------------------------------------------------------------------------
 def _timer(device: str) -> Callable[[Callable[[], None]], float]:
     """Seconds one call of ``fn`` takes: CUDA events around it on GPU (device time, no host jitter), else a
@@ -505,6 +696,12 @@ def add_bench_arguments(p) -> None:
     p.add_argument("--compile", action="store_true",
                    help="also time every method torch.compile'd (default mode), interleaved with the eager steps; "
                         "compiled rows are compared with compiled LoRA (the warm-up steps compile: at least 2)")
+    p.add_argument("--serve", default=None, metavar="N,N,...",
+                   help="instead of training steps: serve mixed batches with N adapters loaded (e.g. 1,8,64), forward "
+                        "and (causal LMs) generate, per --serve-methods")
+    p.add_argument("--serve-methods", default="frozen,lora:8,lora:32,c3a:64",
+                   help="with --serve: frozen, lora:RANK and c3a:BLOCK_SIZE, comma-separated")
+    p.add_argument("--serve-batch", type=positive_int, default=64, help="with --serve: rows per batch")
     p.add_argument("--operator", action="store_true", help="also run the operator micro-benchmark")
     p.add_argument("--op-shapes", default="768x768,1024x1024,4096x4096")
     p.add_argument("--op-blocks", default="64,128,256")
@@ -523,17 +720,27 @@ def _positive_ints(option: str, text: str, sep: str = ",") -> list[int]:
 
 
 def run_bench(args) -> int:
-    specs = [Spec.parse(s) for s in args.methods.split(",") if s]
+    specs = [Spec.parse(s) for s in args.methods.split(",") if s] if not args.serve else []
+    serve_specs, counts = [], []
+    if args.serve:
+        counts = _positive_ints("--serve", args.serve)
+        serve_specs = [Spec.parse(s) for s in args.serve_methods.split(",") if s]
+        unsupported = [s.label for s in serve_specs if s.name not in ("frozen", "lora", "c3a")]
+        if unsupported or not serve_specs:
+            raise ValueError(f"--serve-methods: {', '.join(unsupported) or 'nothing given'}: choose from frozen, "
+                             "lora:RANK, c3a:BLOCK_SIZE (methods that route rows to adapters)")
+        if args.compile:
+            raise ValueError("--compile times training steps; it does not combine with --serve")
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    if not specs and not args.operator:
-        raise ValueError("nothing to run: give --methods or --operator")
+    if not specs and not serve_specs and not args.operator:
+        raise ValueError("nothing to run: give --methods, --serve or --operator")
     if args.compile and not specs:
         raise ValueError("--compile times the methods' training steps: give --methods")
     if args.compile and args.warmup < 2:
         raise ValueError(f"--compile needs --warmup of at least 2 (the first steps compile), got {args.warmup}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available")
-    if specs:  # a bad --model fails here, in one line, not inside every worker
+    if specs or serve_specs:  # a bad --model fails here, in one line, not inside every worker
         from c3a.paper_models import model_config
 
         model_config(args.model)
@@ -552,6 +759,10 @@ def run_bench(args) -> int:
         "threads": args.threads or torch.get_num_threads(), "rounds": args.rounds, "compile": args.compile,
         "memory_kind": rows[0]["memory_kind"] if rows else None, "methods": rows,
     }
+    if serve_specs:
+        result["serve_batch"] = args.serve_batch
+        result["serve"] = serve_methods(args.model, serve_specs, counts, args.layers, args.serve_batch, args.seq, dtype,
+                                        args.device, args.threads, args.warmup, args.rounds)
     if args.operator:
         result["operator"] = operator_grid(
             args.device, getattr(torch, dtype), shapes, blocks, tokens, args.op_reps, lora_rank=args.op_lora_rank,
@@ -559,9 +770,16 @@ def run_bench(args) -> int:
         )
     os.makedirs(args.out, exist_ok=True)
     atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(result, indent=2))
-    table = "\n".join(([step_table(result)] if rows else []) + ([operator_table(result["operator"])] if args.operator else []))
+    table = "\n".join(([step_table(result)] if rows else []) + ([serve_table(result)] if serve_specs else [])
+                      + ([operator_table(result["operator"])] if args.operator else []))
     atomic_write_text(os.path.join(args.out, "table.md"), table)
-    plot(result, os.path.join(args.out, "bench.png"))
+    charts = []
+    if rows or args.operator:
+        plot(result, os.path.join(args.out, "bench.png"))
+        charts.append("bench.png")
+    if serve_specs:
+        plot_serve(result, os.path.join(args.out, "serve.png"))
+        charts.append("serve.png")
     print(table)
-    print(f"wrote {args.out}/results.json, table.md, bench.png")
+    print(f"wrote {args.out}/results.json, table.md, {', '.join(charts)}")
     return 0
