@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import random
+import re
 import signal
 import stat
 import time
@@ -270,7 +271,8 @@ def test_export_lora_killed_or_concurrent_is_one_export_or_absent(tmp_path, save
         assert [reap(p) for p in pids] == [0, 0]
         assert state() in (1, 4)
     exports[1].save_pretrained(folder)
-    assert state() == 1 and not [f for f in os.listdir(folder) if f.endswith(".tmp")]
+    assert state() == 1
+    assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]  # no lock, no temporary
 
 
 # -- 2. file modes ------------------------------------------------------------------------------------------
@@ -368,7 +370,7 @@ def _with_kernel_dtype(folder, dtype, digest: bool):
 
 @pytest.mark.parametrize("digest", [True, False])
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
-def test_kernels_not_real_floating_point_are_refused(tmp_path, saves, dtype, digest):
+def test_kernels_not_real_floating_point_are_refused(tmp_path, saves, dtype, digest, capsys):
     """Such kernels used to load cast to fp32 (a complex one losing its imaginary part): now a ValueError naming
     the tensor and its dtype, raised before any module is replaced (from_pretrained, load_adapter), or before
     the kernels are written (PEFT's set_peft_model_state_dict, which transformers' load_adapter uses)."""
@@ -394,6 +396,13 @@ def test_kernels_not_real_floating_point_are_refused(tmp_path, saves, dtype, dig
     with pytest.raises(ValueError, match=r"lin1\.c3a_kernel\.default is " + name):
         set_peft_model_state_dict(fresh, load_file(folder / "adapter_model.safetensors"))
     assert_unchanged(fresh, before)
+    # rank and export-lora read the kernels without PEFT: refused the same way, in one line, nothing written
+    for argv in (["rank", str(folder)], ["export-lora", str(folder), "--rank", "2", "--out", str(tmp_path / "lora")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re.search(match, err), err
+        assert "must be real floating point" in err and "no rank or export computed" in err
+    assert not (tmp_path / "lora").exists()
 
 
 # -- 6. failed calls leave the model as it was --------------------------------------------------------------

@@ -161,7 +161,7 @@ def test_glue_runs_every_method(model_dir, data_dir, tmp_path):
 
 
 def test_glue_rejects_bad_options(model_dir, data_dir, tmp_path):
-    with pytest.raises(ValueError, match=r"block size should be a factor of the input size.*valid block sizes: \[1, 2, 4, 8, 16, 32\]"):
+    with pytest.raises(ValueError, match=r"^block size 5 does not fit 4 layer\(s\) of 32→32 \(e\.g\. [\w.]+\): valid block sizes \[1, 2, 4, 8, 16, 32\]$"):
         _glue(model_dir, data_dir, tmp_path, "sst2", "c3a", "--block-size", "5")
     with pytest.raises(FileNotFoundError, match="qnli/train.jsonl"):
         main(["glue", "--model", model_dir, "--data-dir", str(tmp_path), "--task", "qnli", "--method", "head"])

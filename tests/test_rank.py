@@ -148,3 +148,32 @@ def test_rank_command_over_several_adapters(tmp_path):
     assert report["rank_counts"] == [{"rank": 2, "max": 32, "layers": 2}, {"rank": 32, "max": 32, "layers": 4}]
     assert report["adapters"][str(tmp_path / "lora")]["layers"][0]["lora_rank"] == 2
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rank_and_export_tables_list_layers_in_natural_order(tmp_path):
+    """``layers.2`` before ``layers.10``, in the tables and the JSON of both commands (the files sort them as text)."""
+    torch.manual_seed(0)
+    net = torch.nn.Module()
+    net.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(12))
+    model = get_c3a_model(net, C3AConfig(block_size=2, target_modules=r"layers\.\d+"))
+    model.save_pretrained(tmp_path / "a")
+    names = [f"layers.{i}" for i in range(12)]
+    assert [layer["name"] for layer in json.loads(run_cli("rank", str(tmp_path / "a"), "--json"))["layers"]] == names
+    table = run_cli("rank", str(tmp_path / "a"))
+    assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| layers.")] == names
+    exported = json.loads(run_cli("export-lora", str(tmp_path / "a"), "--rank", "2", "--out", str(tmp_path / "l"), "--json"))
+    assert [layer["name"] for layer in exported["layers"]] == names
+
+
+def test_rank_refuses_a_dora_adapter(tmp_path, capsys):
+    """DoRA's ΔW depends on the base weight, which an adapter folder does not hold: refused in one line."""
+    from peft import LoraConfig, get_peft_model
+
+    from c3a.cli import main
+
+    get_peft_model(tiny_roberta(), LoraConfig(r=2, target_modules=["query"], use_dora=True)).save_pretrained(tmp_path / "d")
+    assert main(["rank", str(tmp_path / "d")], one_line_errors=True) == 2
+    err = capsys.readouterr().err
+    assert err == ("c3a rank: error: a DoRA adapter's ΔW depends on the base weight, which the adapter does not hold\n")
+    get_peft_model(tiny_roberta(), LoraConfig(r=2, target_modules=["query"])).save_pretrained(tmp_path / "l")
+    assert "full rank: 0 of 2 layers" in run_cli("rank", str(tmp_path / "l"))  # the same adapter without DoRA: read

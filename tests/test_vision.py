@@ -125,3 +125,11 @@ def test_vit_head_only_max_steps(tiny_vit, tmp_path):
     results = _vit(tiny_vit, tmp_path, "--method", "head", "--max-steps", "2")
     assert results["trainable_params"] == 0  # the head is not counted, as in the paper
     assert 0 <= results["test"]["accuracy"] <= 1 and results["history"][-1]["epoch"] < 1
+
+
+@pytest.mark.parametrize("cores, workers", [(1, 0), (2, 1), (5, 4), (64, 4)])
+def test_image_workers_leave_a_core_to_training(monkeypatch, cores, workers):
+    from c3a.experiments import vision
+
+    monkeypatch.setattr(vision.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert vision.default_workers() == workers

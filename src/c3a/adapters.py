@@ -4,6 +4,7 @@ and the C³A kernels in it. Checkpoints are verified as :mod:`c3a.io` describes 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Mapping
 
 import torch
@@ -11,6 +12,7 @@ from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, load
 from torch import nn
 
 from .config import C3AConfig
+from .hub import check_hub, looks_like_path
 from .io import CHECKPOINT_KEY, IncompleteCheckpointError, read_weights, verify_checkpoint
 
 PREFIX = "base_model.model."  # PEFT's key prefix in adapter files
@@ -72,24 +74,15 @@ def load_adapter(
                                         "partial or damaged save") from None
 
 
-def _looks_like_path(source: str) -> bool:
-    """A source meant as a local path rather than a hub id (``org/name`` or ``name``)."""
-    if os.path.isabs(source) or source.startswith(("./", "../", "~", "." + os.sep, ".." + os.sep)) or source in (".", ".."):
-        return True
-    if source.endswith(("/", os.sep)) or "\\" in source or source.count("/") > 1 or (os.sep != "/" and os.sep in source):
-        return True
-    parent = os.path.dirname(source)
-    return bool(parent) and os.path.isdir(parent)
-
-
 def _adapter_folder(source: str) -> str:
     """``source`` as a local folder, fetching a hub id's adapter files."""
     if os.path.isdir(source):
         return source
     if os.path.exists(source):
         raise NotADirectoryError(f"{source} is a file; pass the adapter folder")
-    if _looks_like_path(source):
+    if looks_like_path(source):
         raise FileNotFoundError(f"adapter folder {source} does not exist")
+    check_hub(source, "adapter", "adapter")
     from huggingface_hub import snapshot_download
 
     try:
@@ -98,13 +91,33 @@ def _adapter_folder(source: str) -> str:
         raise FileNotFoundError(f"{source} is not an adapter folder, nor an adapter on the hub: {e}") from None
 
 
+def natural_key(name: str) -> tuple:
+    """Sort key that orders module names as people count: ``layer.2`` before ``layer.10``."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name))
+
+
+def check_kernel_dtypes(dtypes: Mapping[str, torch.dtype], where: str, outcome: str = "nothing was loaded") -> None:
+    """Refuse C³A kernels that are not real floating point, naming each tensor and its dtype: read as they are, an
+    integer or boolean kernel would be another adapter and a complex one would lose its imaginary part."""
+    bad = [f"{key} is {str(dtype).removeprefix('torch.')}" for key, dtype in dtypes.items()
+           if KERNEL_SUFFIX in key and not dtype.is_floating_point]
+    if bad:
+        raise ValueError(
+            f"{where}: C3A kernels must be real floating point (float16, bfloat16, float32, float64), but "
+            + "; ".join(bad) + f"; {outcome}"
+        )
+
+
 def adapter_kernels(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``{module name: kernel}`` from an adapter state dict (keys ``base_model.model.<module>.c3a_kernel``);
-    ``ValueError`` naming the layers whose kernels hold NaN/inf values."""
+    ``ValueError`` naming the tensors that are not real floating point and the layers whose kernels hold NaN/inf
+    values."""
     kernels = {k.removeprefix(PREFIX)[: -len(KERNEL_SUFFIX)]: v for k, v in state.items() if k.endswith(KERNEL_SUFFIX)}
     if not kernels:
         raise ValueError(f"no C3A kernels (keys ending in {KERNEL_SUFFIX!r}) in the adapter")
+    check_kernel_dtypes({k: v.dtype for k, v in state.items() if k.endswith(KERNEL_SUFFIX)}, "the adapter",
+                        "no rank or export computed")
     bad = [name for name, k in kernels.items() if not torch.isfinite(k).all()]
     if bad:
         raise ValueError(f"the adapter's kernels hold NaN/inf values in {len(bad)} layer(s): {', '.join(bad)}")
-    return kernels
+    return dict(sorted(kernels.items(), key=lambda item: natural_key(item[0])))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from .argtypes import block_size, positive_int
 from .experiments.params import counted_methods
-from .io import check_outputs_apart
+from .io import check_outputs_apart, check_writable
 
 if TYPE_CHECKING:
     from .rank import LayerRank
@@ -79,6 +79,7 @@ def run_rank(args: argparse.Namespace) -> int:
     from .rank import adapter_ranks
 
     check_outputs_apart({"--plot": args.plot}, {f"ADAPTER {source}": source for source in args.adapter})
+    check_writable("--plot", args.plot, folder=False)
     per_adapter = {source: adapter_ranks(source) for source in args.adapter}
     layers = [layer for found in per_adapter.values() for layer in found]
     fraction = sum(layer.full_rank for layer in layers) / len(layers)
@@ -186,8 +187,7 @@ def run_export_lora(args: argparse.Namespace) -> int:
     from .export import to_lora
 
     check_outputs_apart({"--out": args.out}, {"ADAPTER": args.adapter})
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise NotADirectoryError(f"--out {args.out} is a file; pass a folder")
+    check_writable("--out", args.out)
     if os.path.isfile(os.path.join(args.out, CONFIG_NAME)) and not args.overwrite:
         raise FileExistsError(f"--out {args.out} already holds an adapter ({CONFIG_NAME}); pass --overwrite to replace it")
     export = to_lora(args.adapter, args.rank, progress=True)

@@ -19,6 +19,7 @@ import warnings
 # Exceptions that report a problem with the user's input, not a bug in c3a: printed as one line (exit 2).
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError,
+    ConnectionError,  # the hub out of reach (c3a.hub names what needed it)
 )
 
 COMMANDS: dict[str, tuple[str, str]] = {

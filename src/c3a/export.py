@@ -90,9 +90,9 @@ class LoraExport:
     def save_pretrained(self, directory: str) -> None:
         """Write the adapter so that ``directory`` always holds one complete save or none that loads.
 
-        Writers take an exclusive lock on ``directory/.c3a-save.lock`` (two exports into one folder run one after
-        the other); the old config is removed first, each file is written atomically, the config last: a crash
-        leaves either the previous adapter, or weights without a config (which PEFT refuses to load), never a
+        Writers take an exclusive lock on ``directory`` itself (two exports into one folder run one after the other,
+        and no lock file is left behind); the old config is removed first, each file is written atomically, the
+        config last: a crash leaves either the previous adapter, or weights without a config (which PEFT refuses to load), never a
         config beside weights of another save.
         """
         import fcntl
@@ -100,7 +100,8 @@ class LoraExport:
         from safetensors.torch import save_file
 
         os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, ".c3a-save.lock"), "a") as lock:
+        lock = os.open(directory, os.O_RDONLY)  # flock on the folder's own descriptor: released when it closes
+        try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             config_path = os.path.join(directory, CONFIG_NAME)
             if os.path.exists(config_path):
@@ -110,6 +111,8 @@ class LoraExport:
             with atomic_path(os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)) as tmp:
                 save_file({k: v.contiguous() for k, v in self.state_dict.items()}, tmp, metadata={"format": "pt"})
             atomic_write_text(config_path, json.dumps(self.config, indent=2, sort_keys=True))
+        finally:
+            os.close(lock)
 
 
 def to_lora(source: Any, rank: int, adapter_name: str = "default", progress: bool = False) -> LoraExport:

@@ -267,3 +267,24 @@ def check_outputs_apart(outputs: Mapping[str, Optional[str]], inputs: Mapping[st
             i = os.path.realpath(source)
             if _within(o, i):
                 raise ValueError(f"{out_name} {out} would write over the input {in_name} {source}: choose another path")
+
+
+def check_writable(option: str, path: Optional[str], folder: bool = True) -> None:
+    """Refuse, before any work, an output that cannot be written: a file where a folder is expected (``folder``)
+    or a folder where a file is, a path through a file, or a place without write permission. Creates nothing."""
+    if not path:
+        return
+    expected = "a folder" if folder else "a file name"
+    if os.path.exists(path):
+        if folder != os.path.isdir(path):
+            error = NotADirectoryError if folder else IsADirectoryError
+            raise error(f"{option} {path} is {'a file' if folder else 'a folder'}; expected {expected}")
+        place = path if folder else os.path.dirname(os.path.abspath(path))
+    else:
+        place = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(place):
+            place = os.path.dirname(place)
+        if not os.path.isdir(place):
+            raise NotADirectoryError(f"{option} {path} cannot be created: {place} is a file")
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise PermissionError(f"{option} {path} cannot be written: no write permission in {place}")

@@ -205,7 +205,10 @@ def model_config(name: str) -> PretrainedConfig:
         config = PAPER_MODELS[name]()
         config._name_or_path = name
         return config
+    from c3a.hub import check_model_source
+
     path = resolve_model(name)
+    check_model_source(path)  # a bad folder or an unreachable hub: said at once, in one line
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from .adapters import PREFIX, adapter_kernels, load_adapter, peft_type
+from .adapters import PREFIX, adapter_kernels, load_adapter, natural_key, peft_type
 
 
 def frequency_blocks(kernel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +138,7 @@ def lora_layer_ranks(config: Mapping[str, Any], state: Mapping[str, torch.Tensor
         layers.append(LayerRank(name, shape, None, _rank(values, shape, f["lora_A"].dtype), values, r))
     if not layers:
         raise ValueError("no LoRA factors (keys ending in .lora_A.weight / .lora_B.weight) in the adapter")
-    return layers
+    return sorted(layers, key=lambda layer: natural_key(layer.name))
 
 
 def adapter_ranks(source: Any, adapter_name: str = "default") -> list[LayerRank]:

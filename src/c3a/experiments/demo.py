@@ -18,6 +18,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from c3a.io import check_writable
+
+    check_writable("--out", args.out)  # before the run, not after it
     from c3a.experiments.synthetic import run_demo
 
     return run_demo(args)

@@ -9,7 +9,7 @@ import argparse
 import os
 
 from c3a.argtypes import nonnegative_int, positive_int
-from c3a.experiments.glue_tasks import TASKS, compute_metrics, load_task, make_splits, tokenize
+from c3a.experiments.glue_tasks import GLUE_HUB_ID, TASKS, compute_metrics, load_task, make_splits, tokenize
 from c3a.experiments.methods import METHODS, build_method, default_methods, trainable_parameters
 
 # Kept for one release: these were defined here before glue_tasks.py, and scripts may import them from here.
@@ -66,19 +66,27 @@ def run_glue(args: argparse.Namespace) -> int:
         end_distributed, evaluate, fit, head_modules, method_options, name_as_given, results_record,
         train_config, write_results,
     )
-    from c3a.io import check_outputs_apart
+    from c3a.hub import check_hub, check_model_source, loading
+    from c3a.io import check_outputs_apart, check_writable
     from c3a.paper_models import resolve_model
 
     task = TASKS[args.task]
     out = args.out or os.path.join("c3a-glue", args.task, args.method, f"seed{args.seed}")
     check_outputs_apart({"--out": out}, {"--data-dir": args.data_dir, "--model": args.model})
+    check_writable("--out", out)
+    path = resolve_model(args.model)
+    check_model_source(path)
+    if args.data_dir is None:
+        check_hub(GLUE_HUB_ID, "GLUE data (no --data-dir given)", "dataset",
+                  instead=f"--data-dir DIR holding {args.task}/train.jsonl and {args.task}/validation.jsonl")
     config = train_config(args, os.path.join(out, "trainer"))
 
     set_seed(args.seed)  # before the model: the new head and the adapters are initialised from it
     splits = make_splits(
         load_task(args.task, args.data_dir), args.seed, args.validation_size, args.max_train_samples, args.max_test_samples
     )
-    tokenizer, model = _load_model(resolve_model(args.model), task.num_labels)
+    with loading("--model", args.model):
+        tokenizer, model = _load_model(path, task.num_labels)
     model = name_as_given(model, args.model)
     head = head_modules(model)
     model = build_method(model, args.method, method_options(args, head))

@@ -87,6 +87,9 @@ def compute_metrics(task: Task):
 
 
 # -- data -----------------------------------------------------------------------------------------------
+GLUE_HUB_ID = "nyu-mll/glue"  # without --data-dir
+
+
 def load_task(task: str, data_dir: Optional[str] = None):
     """``DatasetDict`` with ``train`` and ``validation`` in the HF GLUE schema: from ``data_dir/<task>/*.jsonl``
     or, without ``data_dir``, from the hub. A bad local row is reported with its file and line."""
@@ -94,7 +97,7 @@ def load_task(task: str, data_dir: Optional[str] = None):
 
     spec = TASKS[task]
     if data_dir is None:
-        raw = load_dataset("nyu-mll/glue", task)
+        raw = load_dataset(GLUE_HUB_ID, task)
         for split in ("train", "validation"):
             absent = [c for c in (*spec.text_columns, "label") if c not in raw[split].column_names]
             if absent:

@@ -379,7 +379,8 @@ def run_sft(args: argparse.Namespace) -> int:
     from c3a.experiments.train import (
         end_distributed, fit, method_options, name_as_given, results_record, train_config, write_results,
     )
-    from c3a.io import check_outputs_apart
+    from c3a.hub import check_data_source, check_model_source, loading
+    from c3a.io import check_outputs_apart, check_writable
     from c3a.paper_models import resolve_model
 
     fmt = FORMATS[args.format]
@@ -387,12 +388,22 @@ def run_sft(args: argparse.Namespace) -> int:
     out = args.out or os.path.join("c3a-sft", args.format, args.method, f"seed{args.seed}")
     max_new_tokens = args.max_new_tokens or fmt.max_new_tokens
     check_outputs_apart({"--out": out}, {"--data": args.data, "--eval-data": args.eval_data, "--model": args.model})
-    set_seed(args.seed)  # before the model: adapters are initialised from it
+    check_writable("--out", out)
     data, data_config = (args.data, args.data_config) if args.data else fmt.data
-    eval_raw = load_source(args.eval_data, args.eval_data_config) if args.eval_data else None
-    splits = make_splits(load_source(data, data_config), fmt, eval_raw, args.eval_samples, args.validation_size,
-                         args.max_train_samples, args.validation_samples)  # fmt: skip
-    tokenizer, model = _load_model(resolve_model(args.model), args.bf16)
+    check_data_source(data, "--data" if args.data else f"--format {args.format}'s dataset")
+    if args.eval_data:
+        check_data_source(args.eval_data, "--eval-data")
+    path = resolve_model(args.model)
+    check_model_source(path)
+    set_seed(args.seed)  # before the model: adapters are initialised from it
+    with loading("--eval-data", args.eval_data):
+        eval_raw = load_source(args.eval_data, args.eval_data_config) if args.eval_data else None
+    with loading("--data", data):
+        raw = load_source(data, data_config)
+    splits = make_splits(raw, fmt, eval_raw, args.eval_samples, args.validation_size, args.max_train_samples,
+                         args.validation_samples)
+    with loading("--model", args.model):
+        tokenizer, model = _load_model(path, args.bf16)
     chat = _chat(args.prompt_style, tokenizer, args.model)
     model = name_as_given(model, args.model)
     model = build_method(model, args.method, method_options(args, [], SETTING))  # the LM head is pretrained: no task head

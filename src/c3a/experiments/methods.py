@@ -134,9 +134,28 @@ def _peft(config_factory, reference: bool = False):
     return build
 
 
+def check_block_size(model: nn.Module, targets: list[str], block_size) -> None:
+    """Refuse an integer C³A block size that does not divide some target's sizes: one sentence per distinct layer
+    shape (a model repeats the same few shapes many times), naming the valid sizes."""
+    if block_size == "auto":
+        return
+    from c3a.blocksize import target_shapes
+    from c3a.layer import block_size_problem, common_divisors
+
+    misfits: dict[tuple[int, int], list[str]] = {}
+    for name, (d_in, d_out) in target_shapes(model, targets).items():
+        if block_size_problem(block_size, d_in, d_out):
+            misfits.setdefault((d_in, d_out), []).append(name)
+    if misfits:
+        raise ValueError(f"block size {block_size} does not fit " + "; ".join(
+            f"{len(names)} layer(s) of {d_in}→{d_out} (e.g. {names[0]}): valid block sizes {common_divisors(d_in, d_out)}"
+            for (d_in, d_out), names in misfits.items()))
+
+
 def _c3a(model, opts):
     from c3a import C3AConfig
 
+    check_block_size(model, _targets(model, opts), opts.block_size)
     return C3AConfig(
         block_size=opts.block_size,
         lora_rank=opts.rank if opts.block_size == "auto" else None,  # "auto" matches LoRA rank r's budget
@@ -191,6 +210,7 @@ def _peft_c3a(model, opts):
     from c3a.blocksize import as_block_size_config, choose_block_sizes, target_shapes
 
     targets = _targets(model, opts)
+    check_block_size(model, targets, opts.block_size)
     block_size, pattern = opts.block_size, {}
     if block_size == "auto":  # PEFT's C3A has no "auto": the same per-layer sizes c3a's tuner would choose
         chosen = choose_block_sizes(target_shapes(model, targets), lora_rank=opts.rank)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from c3a.argtypes import nonnegative_int
-from c3a.io import check_outputs_apart
+from c3a.io import check_outputs_apart, check_writable
 from c3a.experiments.methods import METHODS
 from c3a.experiments.selection import Choice, GridPoint, grid_points, select, step_beyond
 
@@ -298,6 +298,7 @@ def run_suite(args: argparse.Namespace, experiment: Experiment) -> int:
     inputs.update({f"{task}:{flag[2:]}": value for task, argv in per_task.items()
                    for flag, value in zip(argv[::2], argv[1::2]) if flag in ("--data", "--eval-data")})  # fmt: skip
     check_outputs_apart({"--out": args.out}, inputs)
+    check_writable("--out", args.out)
     shared = shared_argv(args, experiment)
     cell_parser = argparse.ArgumentParser(prog=f"c3a {experiment.command}")
     experiment.add_run_arguments(cell_parser)

@@ -91,6 +91,12 @@ def accuracy(prediction) -> dict[str, float]:
 
 
 # -- c3a vit --------------------------------------------------------------------------------------------
+def default_workers() -> int:
+    """Image-decoding processes that leave a core to the training loop, at most 4 (more rarely help a ViT)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(4, cores - 1))
+
+
 def add_vit_arguments(parser: argparse.ArgumentParser) -> None:
     from c3a.experiments.options import add_method_arguments, add_training_arguments
 
@@ -108,7 +114,8 @@ def add_vit_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--validation-size", type=positive_int, help="rows carved from train for validation when needed (default: 10%%, at most 1000)")
     data.add_argument("--max-train-samples", type=positive_int, help="train on at most this many rows")
-    data.add_argument("--num-workers", type=nonnegative_int, default=4, help="data-loader processes decoding images")
+    data.add_argument("--num-workers", type=nonnegative_int, default=default_workers(),
+                      help="data-loader processes decoding images: min(4, CPU cores − 1), one core left for training")
 
 
 def run_vit(args: argparse.Namespace) -> int:
@@ -119,28 +126,34 @@ def run_vit(args: argparse.Namespace) -> int:
         end_distributed, evaluate, fit, head_modules, method_options, name_as_given, results_record,
         train_config, write_results,
     )
-    from c3a.io import check_outputs_apart
+    from c3a.hub import check_data_source, check_model_source, loading
+    from c3a.io import check_outputs_apart, check_writable
     from c3a.paper_models import query_value_targets, resolve_model
 
     name = args.dataset or os.path.basename(os.path.normpath(args.data_dir))
     out = args.out or os.path.join("c3a-vit", name.replace("/", "_"), args.method, f"seed{args.seed}")
     check_outputs_apart({"--out": out}, {"--data-dir": args.data_dir, "--model": args.model})
+    check_writable("--out", out)
+    if args.dataset:
+        check_data_source(args.dataset, "--dataset")
+    path = resolve_model(args.model)
+    check_model_source(path)
     set_seed(args.seed)  # before the model: the new head and the adapters are initialised from it
-    raw, image_column, label_column = find_columns(
-        load_images(args.dataset, args.data_dir, args.dataset_config), args.image_column, args.label_column
-    )
+    with loading("--dataset" if args.dataset else "--data-dir", args.dataset or args.data_dir):
+        images = load_images(args.dataset, args.data_dir, args.dataset_config)
+    raw, image_column, label_column = find_columns(images, args.image_column, args.label_column)
     labels = raw["train"].features[label_column].names
     splits = make_splits(raw, args.seed, args.validation_size, args.max_train_samples)
 
-    path = resolve_model(args.model)
-    processor = AutoImageProcessor.from_pretrained(path)
-    model = AutoModelForImageClassification.from_pretrained(
-        path,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
-        ignore_mismatched_sizes=True,  # a new head for these classes
-    )
+    with loading("--model", args.model):
+        processor = AutoImageProcessor.from_pretrained(path)
+        model = AutoModelForImageClassification.from_pretrained(
+            path,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            ignore_mismatched_sizes=True,  # a new head for these classes
+        )
     model = name_as_given(model, args.model)
     head = head_modules(model)
     options = method_options(args, head)
