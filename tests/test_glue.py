@@ -126,7 +126,7 @@ def test_glue_zero_init_starts_from_the_frozen_model_and_trains(model_dir, data_
     assert started and started[0] and all(not k.any() for k in started[0])
     trained = [v for k, v in load_file(tmp_path / "adapter" / "adapter_model.safetensors").items() if "c3a_kernel" in k]
     assert trained and all(k.abs().max() > 0 for k in trained)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="^2$"):  # argparse: "ones" is not an --init-weights choice
         main(["glue", "--model", model_dir, "--task", "sst2", "--method", "c3a", "--init-weights", "ones",
               "--out", str(tmp_path / "bad")])  # fmt: skip
 
@@ -417,11 +417,11 @@ def test_suite_tables_follow_every_finished_cell(model_dir, data_dir, tmp_path, 
     def run(command, *args, **kwargs):
         calls.append(command)
         if len(calls) == 2:
-            raise KeyboardInterrupt  # e.g. the machine's session ends here
+            raise KeyboardInterrupt("stopped in the second cell")  # e.g. the machine's session ends here
         return real(command, *args, **kwargs)
 
     monkeypatch.setattr(suite.subprocess, "run", run)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="stopped in the second cell"):
         main(["glue-suite", "--model", model_dir, "--data-dir", data_dir, "--tasks", "sst2", "--seeds", "0",
               "--methods", "head:head-lr=1e-3", "bitfit:lr=1e-3", "--out", str(out), *RUN])  # fmt: skip
     table = (out / "table.md").read_text()

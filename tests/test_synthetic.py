@@ -96,7 +96,7 @@ def test_cli_short_run_writes_outputs(tmp_path, capsys):
 
 def test_cli_rejects_bad_input(tmp_path, capsys):
     for option in ("--seeds", "--steps"):
-        with pytest.raises(SystemExit) as exit:
+        with pytest.raises(SystemExit, match="^2$") as exit:
             main(["demo", "--out", str(tmp_path), option, "0"])
         assert exit.value.code == 2 and "must be a positive integer" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())

@@ -316,7 +316,7 @@ def test_bias_c3a_only_trains_and_saves(tiny_bert, tmp_path, token_ids):
 def test_bad_block_size_names_layer_and_valid_sizes(tiny_bert):
     model = copy.deepcopy(tiny_bert)
     before = {n: type(m) for n, m in model.named_modules()}
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ValueError, match=r"^invalid block size for bert\.encoder\.layer\.0\.attention\.self\.query ") as err:
         get_peft_model(model, C3AConfig(block_size=5, target_modules=QV))
     msg = str(err.value)
     assert "bert.encoder.layer.0.attention.self.query" in msg
