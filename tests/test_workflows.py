@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 from datasets import Dataset
-from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 import c3a
@@ -40,6 +41,15 @@ def _lm_data(path, n=32):
     return tokenizer, Dataset.from_dict({**rows, "text": CORPUS[:n]})
 
 
+def _adapter_weights(checkpoint) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(checkpoint, "adapter_model.safetensors"))
+
+
+def _adapter_weights_of(model) -> dict[str, torch.Tensor]:
+    """The model's adapter as a checkpoint holds it (PEFT's key names)."""
+    return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()}
+
+
 def _trainer_args(out, **kwargs):
     defaults = dict(per_device_train_batch_size=8, num_train_epochs=2, report_to="none", use_cpu=True, disable_tqdm=True)
     return TrainingArguments(output_dir=str(out), **{**defaults, **kwargs})
@@ -50,14 +60,22 @@ def test_trainer_checkpoints_are_adapter_only_and_resume_and_best_reload(llama_d
     path = tied_llama_dir if tied else llama_dir
     tokenizer, data = _lm_data(path)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(path), C3AConfig(block_size=16, target_modules=QV))
-    args = _trainer_args(tmp_path, eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True)
+    # "best" is the epoch with the highest validation loss (training lowers it): the first, not the last, so that
+    # load_best_model_at_end has something to put back
+    args = _trainer_args(tmp_path, eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True,
+                         metric_for_best_model="eval_loss", greater_is_better=True)
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data.select(range(8)), data_collator=collator)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     trainer.train()
     assert "eval_loss" in trainer.evaluate()
-    checkpoints = sorted(d for d in os.listdir(tmp_path) if d.startswith("checkpoint-"))
+    checkpoints = sorted((d for d in os.listdir(tmp_path) if d.startswith("checkpoint-")), key=lambda d: int(d[11:]))
     assert len(checkpoints) == 2
+    assert trainer.state.best_model_checkpoint == str(tmp_path / checkpoints[0])
+    saved = [_adapter_weights(tmp_path / c) for c in checkpoints]
+    assert any(not torch.equal(saved[0][k], saved[1][k]) for k in saved[0])  # the two epochs differ
+    assert _adapter_weights_of(model).keys() == saved[0].keys()
+    assert all(torch.equal(v, saved[0][k]) for k, v in _adapter_weights_of(model).items())  # the best put back
     for checkpoint in checkpoints:
         files = set(os.listdir(tmp_path / checkpoint))
         assert {"adapter_model.safetensors", "adapter_config.json"} <= files
@@ -75,6 +93,10 @@ def test_trainer_checkpoints_are_adapter_only_and_resume_and_best_reload(llama_d
     resumed = Trainer(model=fresh, args=args, train_dataset=data, eval_dataset=data.select(range(8)), data_collator=collator)
     resumed.train(resume_from_checkpoint=str(tmp_path / checkpoints[0]))
     assert resumed.state.global_step == trainer.state.global_step
+    # the second epoch again, from the first's weights, optimizer and data order: the same weights (one thread,
+    # the same operations in the same order), and the same best checkpoint put back
+    assert all(torch.equal(v, saved[1][k]) for k, v in _adapter_weights(tmp_path / checkpoints[1]).items())
+    assert all(torch.equal(v, saved[0][k]) for k, v in _adapter_weights_of(fresh).items())
 
 
 def test_trainer_seq_cls_with_default_arguments(tiny_bert, tmp_path):
