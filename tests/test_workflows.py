@@ -222,3 +222,62 @@ def test_bitsandbytes_base_trains_saves_loads_merges(wide_llama_dir, tmp_path, b
     assert (dequantized - layer.get_base_weight().float()).abs().max() > 0
     if bits == 8:  # 8-bit rounding is finer than the adapter's effect here; 4-bit (NF4) rounding is not
         assert (merged - adapted).abs().max() < 0.5 * (plain - adapted).abs().max()
+
+
+def _tiny_c3a():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    model = get_peft_model(net, C3AConfig(block_size=4, target_modules=["0"]))
+    with torch.no_grad():
+        for _, layer in c3a_layers(model):
+            layer.c3a_kernel["default"].normal_()  # not the init: what is saved must be what was trained
+    return model
+
+
+def _base():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+
+
+def test_save_pretrained_writes_only_on_the_main_process(tmp_path):
+    """Under DDP every rank calls save_pretrained; only the main one may write (two writers would race)."""
+    model = _tiny_c3a()
+    model.save_pretrained(tmp_path / "rank1", is_main_process=False)
+    assert not (tmp_path / "rank1").exists() or list((tmp_path / "rank1").iterdir()) == []
+    model.save_pretrained(tmp_path / "rank0", is_main_process=True)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(PeftModel.from_pretrained(_base(), tmp_path / "rank0")(x), model(x), rtol=0, atol=0)
+
+
+def test_push_to_hub_uploads_an_adapter_that_loads(tmp_path, monkeypatch):
+    """push_to_hub (PEFT's, through transformers): what would be uploaded, caught at the hub client, is a C3A
+    adapter that loads back to the same outputs. No network: the client's repo, card and commit calls are stubbed."""
+    import shutil
+    import types
+
+    from huggingface_hub import HfApi, ModelCard
+    from huggingface_hub.errors import EntryNotFoundError
+
+    uploaded = tmp_path / "uploaded"
+    uploaded.mkdir()
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        for op in operations:  # the files live in a temporary folder removed after the call: keep copies
+            shutil.copy(op.path_or_fileobj, uploaded / op.path_in_repo)
+        return types.SimpleNamespace(commit_url=f"https://hub/{repo_id}/commit/1")
+
+    def no_card(cls, repo_id, **kwargs):
+        raise EntryNotFoundError(f"{repo_id} has no README.md")
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: types.SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(ModelCard, "load", classmethod(no_card))
+    model = _tiny_c3a()
+    model.push_to_hub("org/tiny-c3a")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in uploaded.iterdir()}
+    x = torch.randn(3, 8)
+    loaded = PeftModel.from_pretrained(_base(), uploaded)
+    assert isinstance(loaded.base_model.model[0], C3ALinear)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
