@@ -136,3 +136,27 @@ def test_image_workers_leave_a_core_to_training(monkeypatch, cores, workers):
 
     monkeypatch.setattr(vision.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     assert vision.default_workers() == workers
+
+
+def test_vit_dataset_from_the_hub(tiny_vit, tmp_path, monkeypatch):
+    """--dataset: a hub dataset id (and --dataset-config) goes to datasets.load_dataset; its Image and ClassLabel
+    columns are found. The hub is stood in for by the image folders, read by the real loader."""
+    import datasets
+
+    from c3a import hub
+
+    real, calls = datasets.load_dataset, []
+
+    def load_dataset(name, config=None, **kwargs):
+        calls.append((name, config))
+        return real("imagefolder", data_dir=str(tiny_vit / "images"))
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(hub, "hub_problem", lambda: None)  # reachable, as far as the check is concerned
+    argv = ["vit", "--model", str(tiny_vit / "model"), "--dataset", "org/colors", "--dataset-config", "small",
+            "--method", "head", "--max-steps", "1", "--batch-size", "8", "--num-workers", "0", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert calls == [("org/colors", "small")]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["task"] == "org/colors" and results["classes"] == sorted(COLORS)
+    assert results["samples"] == {"train": 33, "validation": 3, "test": 12}  # the folders' protocol, as with --data-dir
