@@ -149,8 +149,7 @@ def run_vit(args: argparse.Namespace) -> int:
         processor = AutoImageProcessor.from_pretrained(path)
         model = AutoModelForImageClassification.from_pretrained(
             path,
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
+            id2label=dict(enumerate(labels)),  # sets num_labels too (given both, transformers warns on a new head)
             label2id={label: i for i, label in enumerate(labels)},
             ignore_mismatched_sizes=True,  # a new head for these classes
         )
