@@ -143,6 +143,11 @@ def test_data_files_with_bad_bytes_or_json_name_the_file_and_line(local, capsys)
     err = one_line(["glue", "--task", "sst2", "--method", "lora", "--model", model, "--data-dir", str(local / "glue"),
                     "--out", str(local / "out")], capsys)  # fmt: skip
     assert f"{glue_dir / 'train.jsonl'}:2: not valid JSON" in err
+    for name, text, reason in (("bad.json", '[{"question": 1', "JSON"), ("bad.csv", 'question,context\n"a,b\n', "CSV")):
+        (local / name).write_text(text)
+        err = one_line(["sft", "--format", "sql", "--method", "lora", "--model", model, "--data", str(local / name),
+                        "--out", str(local / "out")], capsys)  # fmt: skip
+        assert f"{local / name}: not a readable {reason} data file (" in err
     bom = local / "bom.jsonl"
     bom.write_bytes(b"\xef\xbb\xbf" + (local / "sql.jsonl").read_bytes())  # a BOM is UTF-8: read, not refused
     from c3a.experiments.jsonl import read_jsonl

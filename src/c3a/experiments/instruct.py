@@ -138,7 +138,21 @@ def load_source(source: str, config: Optional[str] = None):
             from datasets import Dataset
 
             return DatasetDict(train=Dataset.from_list(read_jsonl(source)))
-        return load_dataset(builder, data_files={"train": source})
+        from datasets.utils import logging as datasets_logging
+
+        bars = datasets_logging.is_progress_bar_enabled()
+        datasets_logging.disable_progress_bar()  # one local file: a "generating split" bar says nothing
+        try:
+            return load_dataset(builder, data_files={"train": source})
+        except Exception as e:  # datasets wraps the parser's error in DatasetGenerationError: say the parser's
+            cause = e
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            reason = " ".join(str(cause).split()) or type(cause).__name__
+            raise ValueError(f"{source}: not a readable {builder.upper()} data file ({reason})") from e
+        finally:
+            if bars:
+                datasets_logging.enable_progress_bar()
     return load_dataset(source, config)
 
 
