@@ -342,11 +342,14 @@ class C3ALinear(nn.Module, C3ALayer):
         if len(adapter_names) != x.shape[0]:
             raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows")
         result = self.base_layer(x, *args, **kwargs)
+        groups: dict[str, list[int]] = {}  # rows per adapter, in one pass (not one pass per adapter)
+        for i, adapter in enumerate(adapter_names):
+            groups.setdefault(adapter, []).append(i)
         parts = []
-        for adapter in dict.fromkeys(adapter_names):  # unique, in order
+        for adapter, indices in groups.items():
             if adapter == BASE_ADAPTER or adapter not in self.c3a_kernel:
                 continue
-            rows = torch.tensor([i for i, a in enumerate(adapter_names) if a == adapter], device=x.device)
+            rows = torch.tensor(indices, device=x.device)
             kernel = self._scaled_kernel(adapter)
             parts.append((rows, self._add_deltas(result[rows], x[rows], [kernel], self.exact_delta.get(adapter, False))))
         if parts:
