@@ -80,7 +80,9 @@ def _steps(dtype, autocast):
 
 
 # Pinned from the counts at the time of writing (+2 for harmless variation between torch builds); lower is fine.
-BOUNDS = {"fft": 32, "fold": 26}
+# The FFT path's count includes the copies that put the complex GEMMs' operands frequency-major: a GEMM would make
+# them inside anyway (neither matrix dimension of a permuted spectrum is unit-stride), CPU's one per batch slice.
+BOUNDS = {"fft": 38, "fold": 28}
 
 
 @pytest.mark.parametrize("dtype, autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)],

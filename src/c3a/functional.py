@@ -63,9 +63,16 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _mix_spectra(spec: torch.Tensor, k_spec: torch.Tensor) -> torch.Tensor:
     """Per-frequency matrix product: ``(T, p, F) x (F, p, q) -> (T, q, F)``.
 
-    One batched complex GEMM over the ``F`` frequencies (BLAS), instead of an einsum over tokens.
+    One batched complex GEMM over the ``F`` frequencies (BLAS), instead of an einsum over tokens; its operands
+    frequency-major in memory (:func:`_frequency_major`).
     """
-    return torch.matmul(spec.permute(2, 0, 1), k_spec).permute(1, 2, 0)
+    return torch.bmm(_frequency_major(spec, (2, 0, 1)), _frequency_major(k_spec)).permute(1, 2, 0)
+
+
+def _frequency_major(t: torch.Tensor, dims: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+    """``t.permute(dims)`` as one contiguous batch of matrices: a complex ``bmm`` on CPU copies every batch slice of
+    a strided operand separately (F small copies, ~3.5× slower than one contiguous copy first)."""
+    return (t if dims is None else t.permute(dims)).contiguous()
 
 
 def _check(x: torch.Tensor, kernel: torch.Tensor) -> None:
@@ -123,7 +130,7 @@ def _kernel_grad(x: torch.Tensor, g_spec: torch.Tensor, n: int, b: int) -> torch
     """``irfft(Σ_t conj(G_i) ∘ X_j)``: the (real) correlation of output gradient and input, ``(m, n, b)``."""
     x_spec = rfft(x.reshape(-1, n, b).to(g_spec.real.dtype), dim=-1)  # (T, n, F)
     # One batched GEMM over frequencies: (F, m, T) @ (F, T, n) -> (F, m, n)
-    gk_spec = torch.matmul(g_spec.conj().permute(2, 1, 0), x_spec.permute(2, 0, 1))
+    gk_spec = torch.bmm(_frequency_major(g_spec.conj(), (2, 1, 0)), _frequency_major(x_spec, (2, 0, 1)))
     return irfft(gk_spec.permute(1, 2, 0), n=b, dim=-1)
 
 
