@@ -71,7 +71,7 @@ def _mix_spectra(spec: torch.Tensor, k_spec: torch.Tensor) -> torch.Tensor:
 
 def _frequency_major(t: torch.Tensor, dims: Optional[tuple[int, ...]] = None) -> torch.Tensor:
     """``t.permute(dims)`` as one contiguous batch of matrices: a complex ``bmm`` on CPU copies every batch slice of
-    a strided operand separately (F small copies, ~3.5× slower than one contiguous copy first)."""
+    a strided operand separately (F small copies, much slower than one contiguous copy first)."""
     return (t if dims is None else t.permute(dims)).contiguous()
 
 
