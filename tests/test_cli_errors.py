@@ -66,6 +66,8 @@ def _runs(root, model):
         ["sft", "--format", "sql", "--method", "lora", "--model", model, "--data", str(root / "sql.jsonl"), "--out", out],
         ["vit", "--method", "lora", "--model", model, "--data-dir", str(root / "images"), "--out", out],
         ["params", "--method", "lora", "--model", model],
+        ["glue-suite", "--model", model, "--data-dir", str(root / "gluedata"), "--out", out],
+        ["sft-suite", "--model", model, "--tasks", "sql", "--task-options", f"sql:data={root / 'sql.jsonl'}", "--out", out],
     ]
 
 

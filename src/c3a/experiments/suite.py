@@ -299,6 +299,11 @@ def run_suite(args: argparse.Namespace, experiment: Experiment) -> int:
                    for flag, value in zip(argv[::2], argv[1::2]) if flag in ("--data", "--eval-data")})  # fmt: skip
     check_outputs_apart({"--out": args.out}, inputs)
     check_writable("--out", args.out)
+    if not args.report_only:  # once here, not once per cell, each after the seconds a cell takes to start
+        from c3a.hub import check_model_source
+        from c3a.paper_models import resolve_model
+
+        check_model_source(resolve_model(args.model))
     shared = shared_argv(args, experiment)
     cell_parser = argparse.ArgumentParser(prog=f"c3a {experiment.command}")
     experiment.add_run_arguments(cell_parser)
