@@ -84,7 +84,7 @@ def test_bad_model_folders_are_named_with_what_is_expected(local, capsys, bad, f
     path = str(local / bad)
     for argv in _runs(local, path):
         err = one_line(argv, capsys)
-        assert re.search(rf"--model {re.escape(path)} {found}", err), err
+        assert re.search(rf"(--model |: ){re.escape(path)} {found}", err), err  # params: after what it also tried
         if bad != "lora":
             assert "expected a model folder (config.json and weights" in err
     assert not (local / "out").exists()
@@ -93,7 +93,8 @@ def test_bad_model_folders_are_named_with_what_is_expected(local, capsys, bad, f
 def test_hub_ids_while_the_hub_is_unreachable(local, offline, capsys):
     for argv in _runs(local, "org/some-model"):
         err = one_line(argv, capsys)
-        assert f"--model org/some-model is not a local path, and the Hugging Face hub ({CLOSED_PORT}) cannot be reached" in err
+        assert f"org/some-model is not a local path, and the Hugging Face hub ({CLOSED_PORT}) cannot be reached" in err
+        assert argv[0] == "params" or "--model org/some-model is not" in err  # params: a model name or config
         assert "pass a local model folder" in err
     model = str(local / "model")
     err = one_line(["glue", "--task", "sst2", "--method", "lora", "--model", model, "--out", str(local / "out")], capsys)

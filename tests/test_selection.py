@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+from c3a import hub
 from c3a.cli import main
 from c3a.experiments import glue, suite
 from c3a.experiments.selection import GridPoint, grid_points, select, step_beyond
@@ -114,6 +115,7 @@ def _fake_suite(tmp_path, monkeypatch, best_lr: float, *extra: str, row: str = "
         return subprocess.CompletedProcess(command, 0)
 
     monkeypatch.setattr(suite.subprocess, "run", fake)
+    monkeypatch.setattr(hub, "check_model_source", lambda name: None)  # fake cells load no model: "m" is fine
     argv = ["glue-suite", "--model", "m", "--tasks", "sst2", "--seeds", "0", "1", "--select-seeds", "0",
             "--methods", row, "--out", str(tmp_path), *extra]  # fmt: skip
     assert main(argv) == status

@@ -69,7 +69,7 @@ def check_hub(name: str, option: str, kind: str = "model", instead: Optional[str
     problem = hub_problem()
     if problem is not None:
         raise ConnectionError(
-            f"{option} {name} is not a local path, and the Hugging Face hub ({constants.ENDPOINT}) cannot be reached "
+            f"{f'{option} {name}'.strip()} is not a local path, and the Hugging Face hub ({constants.ENDPOINT}) cannot be reached "
             f"({problem}); pass {instead or SOURCES[kind]}, or set HF_HUB_OFFLINE=1 to use your hub cache"
         )
 
@@ -77,7 +77,8 @@ def check_hub(name: str, option: str, kind: str = "model", instead: Optional[str
 def check_model_source(name: str, option: str = "--model") -> None:
     """Refuse, before anything is loaded, a ``name`` that cannot be a pretrained model: a missing path, a file, an
     empty folder, a folder holding a PEFT adapter or anything else without ``config.json``; or a hub id while the
-    hub is out of reach (:func:`check_hub`)."""
+    hub is out of reach (:func:`check_hub`). ``option`` names where ``name`` was given (may be empty)."""
+    what = f"{option} {name}".strip()
     if os.path.isdir(name):
         if os.path.isfile(os.path.join(name, "config.json")):
             return
@@ -89,17 +90,17 @@ def check_model_source(name: str, option: str = "--model") -> None:
             except (OSError, ValueError, AttributeError):
                 base = None
             raise ValueError(
-                f"{option} {name} holds a PEFT adapter (adapter_config.json), not a model; pass its base model"
+                f"{what} holds a PEFT adapter (adapter_config.json), not a model; pass its base model"
                 + (f" ({base})" if base else "") + ", onto which PeftModel.from_pretrained loads the adapter"
             )
         if not entries:
-            raise ValueError(f"{option} {name} is an empty folder; expected {MODEL_FOLDER}")
+            raise ValueError(f"{what} is an empty folder; expected {MODEL_FOLDER}")
         shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
-        raise ValueError(f"{option} {name} has no config.json (it holds {shown}); expected {MODEL_FOLDER}")
+        raise ValueError(f"{what} has no config.json (it holds {shown}); expected {MODEL_FOLDER}")
     if os.path.exists(name):
-        raise NotADirectoryError(f"{option} {name} is a file; expected {MODEL_FOLDER}")
+        raise NotADirectoryError(f"{what} is a file; expected {MODEL_FOLDER}")
     if looks_like_path(name):
-        raise FileNotFoundError(f"{option} {name} does not exist; expected {MODEL_FOLDER}")
+        raise FileNotFoundError(f"{what} does not exist; expected {MODEL_FOLDER}")
     check_hub(name, option, "model")
 
 

@@ -208,13 +208,15 @@ def model_config(name: str) -> PretrainedConfig:
     from c3a.hub import check_model_source
 
     path = resolve_model(name)
-    check_model_source(path)  # a bad folder or an unreachable hub: said at once, in one line
     try:
+        check_model_source(path, "")  # a bad folder said at once; an unreachable hub too (ConnectionError, as is)
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
+        if isinstance(e, ConnectionError):
+            raise
         raise ValueError(
             f"{name!r} is neither a built-in model ({', '.join(PAPER_MODELS)}), a shortcut "
-            f"({', '.join(MODEL_SHORTCUTS)}) nor a config that transformers can load: {e}"
+            f"({', '.join(MODEL_SHORTCUTS)}) nor a config that transformers can load: {' '.join(str(e).split())}"
         ) from None
 
 
