@@ -123,11 +123,11 @@ def test_gpu_script_commands_parse():
     import pathlib
     import shlex
 
-    from c3a.experiments.bench import add_bench_arguments
+    from c3a.experiments.bench_cli import add_bench_arguments
 
     script = (pathlib.Path(__file__).parents[1] / "benchmarks" / "gpu.sh").read_text().replace("\\\n", " ")
     commands = [shlex.split(line)[2:] for line in script.splitlines() if line.startswith("c3a bench ")]
-    assert len(commands) == 3
+    assert len(commands) == 4
     for argv in commands:
         parser = argparse.ArgumentParser(exit_on_error=False)
         add_bench_arguments(parser)
@@ -184,3 +184,16 @@ def test_bench_serve_refuses_methods_that_cannot_route_rows(tmp_path, tiny_rober
         main(["bench", "--model", tiny_roberta_dir, "--serve", "2", "--serve-methods", "lora:4,vera:8",
               "--out", str(tmp_path / "serve")])
     assert not (tmp_path / "serve").exists()
+
+
+def test_bench_bad_inputs_are_user_errors_before_the_run(tmp_path, tiny_roberta_dir):
+    common = ["bench", "--model", tiny_roberta_dir, "--batch", "1", "--seq", "4", "--warmup", "0", "--rounds", "1"]
+    # a block size that fits no layer: the worker's ValueError comes back as one (a user error), naming the method
+    with pytest.raises(ValueError, match=r"c3a \(b=7\): ValueError: block size 7 does not fit 4 layer\(s\) of 64→64"):
+        main([*common, "--methods", "c3a:7", "--out", str(tmp_path / "a")])
+    with pytest.raises(ValueError, match="--op-blocks 7: no block size divides both sides of any --op-shapes 64x64"):
+        main([*common, "--methods", "", "--operator", "--op-shapes", "64x64", "--op-blocks", "7", "--out", str(tmp_path / "b")])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match="--out .*file is a file; expected a folder"):
+        main([*common, "--methods", "lora:4", "--out", str(tmp_path / "file")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "tiny"]  # nothing written by the refused runs

@@ -42,9 +42,7 @@ def _heavy_imports(argv: list[str]) -> list[str]:
     return eval(done.stderr.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("command", [
-    None, *(pytest.param(name, marks=pytest.mark.xfail(reason="bench.py imports torch at its top (issue 22)"))
-            if name == "bench" else name for name in cli.COMMANDS)])
+@pytest.mark.parametrize("command", [None, *cli.COMMANDS])
 def test_help_imports_no_heavy_library(command):
     """`c3a --help` and every `c3a COMMAND --help` answer without torch, transformers, PEFT, bitsandbytes or
     datasets: those cost seconds (bitsandbytes alone ~3 s) before anything is printed."""
@@ -73,9 +71,7 @@ def _help_blocks(name: str) -> dict[str, str]:
     return blocks
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(reason="bench.py's options have no help yet (issue 22)"))
-    if name == "bench" else name for name in cli.COMMANDS])
+@pytest.mark.parametrize("name", list(cli.COMMANDS))
 def test_every_option_has_help_and_shows_its_default(name):
     parser = argparse.ArgumentParser()
     getattr(importlib.import_module(cli.COMMANDS[name][0]), f"add_{name.replace('-', '_')}_arguments")(parser)

@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "params": ("c3a.analysis_cli", "trainable parameters and time/space terms of a method on a model (no download)"),
     "export-lora": ("c3a.analysis_cli", "convert a C³A adapter to the best rank-R PEFT LoRA adapter"),
     "glue": ("c3a.experiments.glue", "fine-tune one method on one GLUE task (paper Table 2)"),
-    "bench": ("c3a.experiments.bench", "training-step time and peak memory of C³A vs the baselines, side by side"),
+    "bench": ("c3a.experiments.bench_cli", "training-step time and peak memory of C³A vs the baselines, side by side"),
     "glue-suite": ("c3a.experiments.glue", "run a GLUE grid of methods x tasks x seeds, write table.md and a chart"),
     "sft": ("c3a.experiments.instruct", "instruction-tune a causal LM on GSM8K/MetaMathQA/ViGGO/SQL/Alpaca data, score by generation (paper Table 3)"),
     "sft-suite": ("c3a.experiments.instruct", "run an instruction-tuning grid of methods x formats x seeds, write table.md and a chart"),

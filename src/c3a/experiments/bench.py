@@ -27,11 +27,7 @@ import torch
 from tqdm import tqdm
 
 from c3a.functional import add_block_circular_conv, block_circulant_linear, circulant_matrix
-from c3a.argtypes import nonnegative_int, positive_int
-from c3a.io import atomic_path, atomic_write_text
-
-DEFAULT_METHODS = "frozen,lora:8,c3a:128,c3a:768,peft-c3a:128,vera:256,boft,ia3,bitfit,full"
-
+from c3a.io import atomic_path, atomic_write_text, check_writable
 
 HALF_ADAPTER_SUFFIX = "-bf16"  # e.g. "lora-bf16:32": PEFT's LoRA with its adapter weights kept in bf16
 
@@ -138,9 +134,16 @@ def _worker(conn, model, spec, layers, batch, seq, dtype, device, threads, autoc
             conn.send(("time", step()))
         conn.send(("memory", _peak_memory(device)))
     except Exception as e:  # report, so the parent can name the failing method
-        conn.send(("error", f"{type(e).__name__}: {e}"))
+        conn.send(("error", (isinstance(e, ValueError), f"{type(e).__name__}: {e}")))
     finally:
         conn.close()
+
+
+def _worker_error(where: str, report: tuple[bool, str]) -> Exception:
+    """A worker's failure as the parent raises it: a ``ValueError`` there (a block size that fits no layer, a
+    method that cannot build on this model) is the user's input, one line; anything else is a bug."""
+    user_error, message = report
+    return (ValueError if user_error else RuntimeError)(f"{where}: {message}")
 
 
 def time_methods(model, specs, layers, batch, seq, dtype, device, threads, warmup, rounds, autocast=False,
@@ -161,7 +164,7 @@ def time_methods(model, specs, layers, batch, seq, dtype, device, threads, warmu
         for spec, conn, _, mode in tqdm(workers, desc="building models", leave=False):
             kind, value = conn.recv()
             if kind == "error":
-                raise RuntimeError(f"{spec.label}: {value}")
+                raise _worker_error(spec.label, value)
             rows.append({"method": spec.name, "label": spec.label + (", compiled" if mode else ""), "value": spec.value,
                          "compiled": mode, "trainable_params": value, "step_seconds": []})
         for r in tqdm(range(warmup + rounds), desc="interleaved steps"):
@@ -169,14 +172,14 @@ def time_methods(model, specs, layers, batch, seq, dtype, device, threads, warmu
                 conn.send("step")
                 kind, value = conn.recv()
                 if kind == "error":
-                    raise RuntimeError(f"{spec.label}: {value}")
+                    raise _worker_error(spec.label, value)
                 if r >= warmup:
                     row["step_seconds"].append(value)
         for row, (spec, conn, proc, _) in zip(rows, workers):
             conn.send("stop")
             kind, value = conn.recv()
             if kind == "error":
-                raise RuntimeError(f"{spec.label}: {value}")
+                raise _worker_error(spec.label, value)
             row["peak_memory_bytes"], row["memory_kind"] = value
             proc.join()
     finally:
@@ -277,7 +280,7 @@ def _serve_worker(conn, model, spec, adapters, layers, batch, seq, dtype, device
             conn.send(("time", timed(calls[request])))
         conn.send(("memory", _peak_memory(device)))
     except Exception as e:  # report, so the parent can name the failing method
-        conn.send(("error", f"{type(e).__name__}: {e}"))
+        conn.send(("error", (isinstance(e, ValueError), f"{type(e).__name__}: {e}")))
     finally:
         conn.close()
 
@@ -300,7 +303,7 @@ def serve_methods(model, specs, counts, layers, batch, seq, dtype, device, threa
             for spec, conn, _ in workers:
                 kind, value = conn.recv()
                 if kind == "error":
-                    raise RuntimeError(f"{spec.label}, {n} adapters: {value}")
+                    raise _worker_error(f"{spec.label}, {n} adapters", value)
                 group.append({"method": spec.name, "label": spec.label, "value": spec.value,
                               "adapters": 0 if spec.name == "frozen" else n,
                               "distinct_in_batch": 0 if spec.name == "frozen" else min(n, batch),
@@ -313,14 +316,14 @@ def serve_methods(model, specs, counts, layers, batch, seq, dtype, device, threa
                         conn.send(call)
                         kind, value = conn.recv()
                         if kind == "error":
-                            raise RuntimeError(f"{spec.label}, {n} adapters, {call}: {value}")
+                            raise _worker_error(f"{spec.label}, {n} adapters, {call}", value)
                         if r >= warmup:
                             row[f"{call}_seconds"].append(value)
             for row, (spec, conn, proc) in zip(group, workers):
                 conn.send("stop")
                 kind, value = conn.recv()
                 if kind == "error":
-                    raise RuntimeError(f"{spec.label}, {n} adapters: {value}")
+                    raise _worker_error(f"{spec.label}, {n} adapters", value)
                 row["peak_memory_bytes"], row["memory_kind"] = value
                 proc.join()
         finally:
@@ -677,41 +680,6 @@ def _device_name(device: str) -> str:
 
 
 # -- command ---------------------------------------------------------------------------------------------------
-def add_bench_arguments(p) -> None:
-    p.add_argument("--model", default="roberta-base",
-                   help="a built-in paper architecture (roberta-base, roberta-large, llama2-7b, llama3-8b, ...), "
-                        "a shortcut (minilm), a hub id or a folder with config.json; weights are random")
-    p.add_argument("--layers", type=positive_int, default=None, help="number of layers (default: the model's; e.g. 2 for LLaMA)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU")
-    p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help=f"comma-separated name[:b or r]; a name ending in -bf16 keeps that method's trainable weights "
-                        f"in bf16 (e.g. lora-bf16:32); empty: operator grid only (default: {DEFAULT_METHODS})")
-    p.add_argument("--batch", type=positive_int, default=8)
-    p.add_argument("--seq", type=positive_int, default=128)
-    p.add_argument("--warmup", type=nonnegative_int, default=2)
-    p.add_argument("--rounds", type=positive_int, default=10)
-    p.add_argument("--threads", type=positive_int, default=None, help="torch threads per worker (default: torch's)")
-    p.add_argument("--autocast", action="store_true", help="run forward passes under torch.autocast(bfloat16)")
-    p.add_argument("--compile", action="store_true",
-                   help="also time every method torch.compile'd (default mode), interleaved with the eager steps; "
-                        "compiled rows are compared with compiled LoRA (the warm-up steps compile: at least 2)")
-    p.add_argument("--serve", default=None, metavar="N,N,...",
-                   help="instead of training steps: serve mixed batches with N adapters loaded (e.g. 1,8,64), forward "
-                        "and (causal LMs) generate, per --serve-methods")
-    p.add_argument("--serve-methods", default="frozen,lora:8,lora:32,c3a:64",
-                   help="with --serve: frozen, lora:RANK and c3a:BLOCK_SIZE, comma-separated")
-    p.add_argument("--serve-batch", type=positive_int, default=64, help="with --serve: rows per batch")
-    p.add_argument("--operator", action="store_true", help="also run the operator micro-benchmark")
-    p.add_argument("--op-shapes", default="768x768,1024x1024,4096x4096")
-    p.add_argument("--op-blocks", default="64,128,256")
-    p.add_argument("--op-tokens", default="64,256,1024,4096")
-    p.add_argument("--op-reps", type=positive_int, default=10, help="interleaved timed rounds per grid point")
-    p.add_argument("--op-lora-rank", type=positive_int, default=None,
-                   help="LoRA rank in the operator grid (default: the rank with C³A's parameter count)")
-    p.add_argument("--out", default="c3a-bench")
-
-
 def _positive_ints(option: str, text: str, sep: str = ",") -> list[int]:
     values = [v.strip() for v in text.split(sep)]
     if not values or not all(v.isdigit() and int(v) > 0 for v in values):
@@ -719,7 +687,10 @@ def _positive_ints(option: str, text: str, sep: str = ",") -> list[int]:
     return [int(v) for v in values]
 
 
-def run_bench(args) -> int:
+def run(args) -> int:
+    """``c3a bench`` (options: :mod:`c3a.experiments.bench_cli`): every input checked before any worker starts."""
+    check_writable("--out", args.out)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     specs = [Spec.parse(s) for s in args.methods.split(",") if s] if not args.serve else []
     serve_specs, counts = [], []
     if args.serve:
@@ -749,6 +720,9 @@ def run_bench(args) -> int:
         if any(len(shape) != 2 for shape in shapes):
             raise ValueError(f"--op-shapes: {args.op_shapes!r} must be IN_xOUT pairs such as 768x768,4096x1024")
         blocks, tokens = _positive_ints("--op-blocks", args.op_blocks), _positive_ints("--op-tokens", args.op_tokens)
+        if not any(d_in % b == 0 and d_out % b == 0 for d_in, d_out in shapes for b in blocks):
+            raise ValueError(f"--op-blocks {args.op_blocks}: no block size divides both sides of any --op-shapes "
+                             f"{args.op_shapes}")
     rows = time_methods(args.model, specs, args.layers, args.batch, args.seq, dtype, args.device, args.threads,
                         args.warmup, args.rounds, args.autocast, args.compile) if specs else []
     if args.threads:  # the operator grid runs in this process
