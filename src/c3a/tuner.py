@@ -27,6 +27,7 @@ from peft.utils import (
 )
 from torch import nn
 
+from .adapters import check_kernel_dtypes
 from .blocksize import as_block_size_config, choose_block_sizes
 from .config import C3AConfig, block_size_key_pattern, note_saved_state
 from .io import IncompleteCheckpointError, verify_checkpoint, weight_dtypes, weight_shapes, weights_files
@@ -142,7 +143,7 @@ class C3AModel(BaseTuner):
         state = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         # Loads that skipped the check before injection (transformers' load_adapter, set_peft_model_state_dict):
         # refuse here, before the tensors are cast into the kernels.
-        _check_kernel_dtypes({k: v.dtype for k, v in state.items() if torch.is_tensor(v)}, f"adapter {adapter_name!r}")
+        check_kernel_dtypes({k: v.dtype for k, v in state.items() if torch.is_tensor(v)}, f"adapter {adapter_name!r}")
         bad = [k for k, v in state.items() if ".c3a_kernel" in k and torch.is_tensor(v) and v.is_floating_point()
                and v.device.type != "meta" and not torch.isfinite(v).all()]
         if bad:
@@ -358,18 +359,6 @@ def _checkpoint_folder(source: tuple) -> Optional[str]:
     return None
 
 
-def _check_kernel_dtypes(dtypes: dict[str, torch.dtype], where: str, outcome: str = "nothing was loaded") -> None:
-    """Refuse kernels that are not real floating point: loading would cast them to the kernels' float dtype
-    silently (a complex kernel losing its imaginary part, an integer or boolean one becoming a different adapter)."""
-    bad = [f"{key} is {str(dtype).removeprefix('torch.')}" for key, dtype in dtypes.items()
-           if ".c3a_kernel" in key and not dtype.is_floating_point]
-    if bad:
-        raise ValueError(
-            f"{where}: C3A kernels must be real floating point (float16, bfloat16, float32, float64), but "
-            + "; ".join(bad) + f"; {outcome}"
-        )
-
-
 def _check_checkpoint(config, source: tuple, model: nn.Module, shapes: dict, sizes: dict) -> None:
     folder = _checkpoint_folder(source)
     if folder is None:
@@ -381,7 +370,7 @@ def _check_checkpoint(config, source: tuple, model: nn.Module, shapes: dict, siz
             raise IncompleteCheckpointError(
                 f"{folder} has {CONFIG_NAME} but no adapter weights ({SAFETENSORS_WEIGHTS_NAME}): a partial save")
         path = os.path.join(folder, present[0])
-    _check_kernel_dtypes(weight_dtypes(path), path, outcome="nothing was loaded and the model is unchanged")
+    check_kernel_dtypes(weight_dtypes(path), path, outcome="nothing was loaded and the model is unchanged")
     if getattr(model, "_checkpoint_conversion_mapping", None):
         return  # PEFT renames this model's checkpoint keys while loading: names cannot be compared here
     problems = []
