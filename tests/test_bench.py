@@ -73,11 +73,6 @@ def test_bench_smoke(tmp_path, tiny_roberta_dir):
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_bench_names_failing_method(tmp_path, tiny_roberta_dir):
-    with pytest.raises(RuntimeError, match=r"c3a \(b=5\).*block[ _]size"):
-        main(["bench", "--model", tiny_roberta_dir, "--methods", "c3a:5", "--rounds", "1", "--out", str(tmp_path)])
-
-
 def test_operator_grid_half_precision_autocast():
     """bf16 weights under autocast: LoRA with fp32 and with bf16 adapters, PEFT's C3A, and each C³A path (the
     DFT path only for even b), every path first checked against float64."""
