@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import C3AConfig
 from .hub import check_hub, looks_like_path
-from .io import CHECKPOINT_KEY, IncompleteCheckpointError, read_weights, verify_checkpoint
+from .io import CHECKPOINT_KEY, IncompleteCheckpointError, check_kernel_dtypes, read_weights, verify_checkpoint
 
 PREFIX = "base_model.model."  # PEFT's key prefix in adapter files
 KERNEL_SUFFIX = ".c3a_kernel"
@@ -94,18 +94,6 @@ def _adapter_folder(source: str) -> str:
 def natural_key(name: str) -> tuple:
     """Sort key that orders module names as people count: ``layer.2`` before ``layer.10``."""
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name))
-
-
-def check_kernel_dtypes(dtypes: Mapping[str, torch.dtype], where: str, outcome: str = "nothing was loaded") -> None:
-    """Refuse C³A kernels that are not real floating point, naming each tensor and its dtype: read as they are, an
-    integer or boolean kernel would be another adapter and a complex one would lose its imaginary part."""
-    bad = [f"{key} is {str(dtype).removeprefix('torch.')}" for key, dtype in dtypes.items()
-           if KERNEL_SUFFIX in key and not dtype.is_floating_point]
-    if bad:
-        raise ValueError(
-            f"{where}: C3A kernels must be real floating point (float16, bfloat16, float32, float64), but "
-            + "; ".join(bad) + f"; {outcome}"
-        )
 
 
 def adapter_kernels(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

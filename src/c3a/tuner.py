@@ -27,10 +27,9 @@ from peft.utils import (
 )
 from torch import nn
 
-from .adapters import check_kernel_dtypes
 from .blocksize import as_block_size_config, choose_block_sizes
 from .config import C3AConfig, block_size_key_pattern, note_saved_state
-from .io import IncompleteCheckpointError, verify_checkpoint, weight_dtypes, weight_shapes, weights_files
+from .io import IncompleteCheckpointError, check_kernel_dtypes, verify_checkpoint, weight_dtypes, weight_shapes, weights_files
 from .layer import BASE_ADAPTER, C3ALayer, block_size_problem, c3a_layers, layer_class_for, targeted_shapes
 
 
