@@ -51,6 +51,27 @@ def dense_reference(result, x, kernels, grad):
 
 
 @pytest.fixture
+def fit_trainer_args(monkeypatch) -> list:
+    """The TrainingArguments of every fit the command under test runs, in order (a spy on the shared trainer)."""
+    from c3a.experiments import train
+
+    seen, real = [], train.fit
+
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        seen.append(result.trainer.args)
+        return result
+
+    monkeypatch.setattr(train, "fit", spy)
+    return seen
+
+
+def grouped_by_length(args) -> bool:
+    """Whether TrainingArguments batch by length (``train_sampling_strategy`` in transformers ≥ 5, else the flag)."""
+    return getattr(args, "train_sampling_strategy", None) == "group_by_length" or getattr(args, "group_by_length", False)
+
+
+@pytest.fixture
 def tiny_bert():
     """A 2-layer BERT classifier (hidden 32), random weights, eval mode: no download."""
     torch.manual_seed(0)

@@ -531,19 +531,9 @@ def test_c3a_methods_default_to_lora_r8s_budget_per_layer():
     assert sum(math.prod(s) for s in ours.values()) <= lora_params
 
 
-def test_glue_group_by_length_reaches_the_trainer(model_dir, data_dir, tmp_path, monkeypatch):
-    from c3a.experiments import train
-
-    seen, real = [], train.fit
-
-    def spy(*args, **kwargs):
-        result = real(*args, **kwargs)
-        seen.append(result.trainer.args)
-        return result
-
-    monkeypatch.setattr(train, "fit", spy)
+def test_glue_group_by_length_reaches_the_trainer(model_dir, data_dir, tmp_path, fit_trainer_args):
     for flag in ([], ["--group-by-length"]):
         _glue(model_dir, data_dir, tmp_path / str(len(flag)), "sst2", "head", "--max-steps", "1", *flag)
     strategy = [getattr(a, "train_sampling_strategy", None) or ("group_by_length" if a.group_by_length else "random")
-                for a in seen]
+                for a in fit_trainer_args]
     assert strategy == ["random", "group_by_length"]

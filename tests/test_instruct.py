@@ -9,7 +9,7 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from c3a.cli import main
-from conftest import write_tiny_llama
+from conftest import grouped_by_length, write_tiny_llama
 from c3a.experiments.answers import (
     SCORERS,
     gsm8k_answer,
@@ -447,25 +447,6 @@ def test_sft_refuses_to_write_into_its_inputs(tiny_llama, tmp_path):
     assert sorted(p.name for p in (tiny_llama / "model").iterdir()) == before
 
 
-def _trainer_args_of(monkeypatch) -> list:
-    """Records the TrainingArguments of every fit the command runs."""
-    from c3a.experiments import train
-
-    seen, real = [], train.fit
-
-    def spy(*args, **kwargs):
-        result = real(*args, **kwargs)
-        seen.append(result.trainer.args)
-        return result
-
-    monkeypatch.setattr(train, "fit", spy)
-    return seen
-
-
-def _grouped(args) -> bool:
-    return getattr(args, "train_sampling_strategy", None) == "group_by_length" or getattr(args, "group_by_length", False)
-
-
 def test_sft_eval_data_is_the_test_set(tiny_llama, tmp_path):
     """--eval-data replaces the test split: its rows are answered and scored, and train keeps all its rows but
     the validation slice."""
@@ -478,8 +459,8 @@ def test_sft_eval_data_is_the_test_set(tiny_llama, tmp_path):
     assert results["eval_data"] == str(tmp_path / "eval.jsonl") and results["test"]["n"] == 4
 
 
-def test_sft_grad_accum_takes_fewer_optimizer_steps(tiny_llama, tmp_path, monkeypatch):
-    seen = _trainer_args_of(monkeypatch)
+def test_sft_grad_accum_takes_fewer_optimizer_steps(tiny_llama, tmp_path, fit_trainer_args):
+    seen = fit_trainer_args
     results, _ = _sft(tiny_llama, tmp_path, "--method", "lora", "--rank", "4", "--epochs", "1", "--grad-accum", "5",
                       "--max-new-tokens", "2")  # fmt: skip
     assert seen[0].gradient_accumulation_steps == 5
@@ -487,10 +468,10 @@ def test_sft_grad_accum_takes_fewer_optimizer_steps(tiny_llama, tmp_path, monkey
     assert len(losses) == 40 // (8 * 5)  # one logged loss per optimizer step: 40 rows, batches of 8, 5 per step
 
 
-def test_sft_always_groups_by_length(tiny_llama, tmp_path, monkeypatch):
+def test_sft_always_groups_by_length(tiny_llama, tmp_path, fit_trainer_args):
     """sft batches prompts of similar length with or without --group-by-length (answers are short, prompts vary)."""
-    seen = _trainer_args_of(monkeypatch)
+    seen = fit_trainer_args
     for flag in ([], ["--group-by-length"]):
         _sft(tiny_llama, tmp_path / str(len(flag)), "--method", "lora", "--rank", "4", "--max-steps", "1",
              "--max-new-tokens", "2", *flag)  # fmt: skip
-    assert [_grouped(args) for args in seen] == [True, True]
+    assert [grouped_by_length(args) for args in seen] == [True, True]
