@@ -13,6 +13,7 @@ float64 dense reference.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -139,53 +140,63 @@ def _worker(conn, model, spec, layers, batch, seq, dtype, device, threads, autoc
         conn.close()
 
 
-def _worker_error(where: str, report: tuple[bool, str]) -> Exception:
-    """A worker's failure as the parent raises it: a ``ValueError`` there (a block size that fits no layer, a
-    method that cannot build on this model) is the user's input, one line; anything else is a bug."""
-    user_error, message = report
-    return (ValueError if user_error else RuntimeError)(f"{where}: {message}")
+@contextlib.contextmanager
+def _spawned(target, argument_tuples):
+    """One spawned worker process per argument tuple, ``target(conn, *args)``, each with its end of a pipe; those
+    still alive on the way out (an error, an interrupt) are killed."""
+    ctx = mp.get_context("spawn")
+    workers = []
+    try:
+        for args in argument_tuples:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=target, args=(child, *args), daemon=True)
+            proc.start()
+            workers.append((parent, proc))
+        yield workers
+    finally:
+        for _, proc in workers:
+            if proc.is_alive():
+                proc.kill()
+
+
+def _ask(conn, where: str, request: Optional[str] = None):
+    """Send ``request`` (if any) and return the worker's answer. A failure it reports is raised here, naming
+    ``where``: a ``ValueError`` there (a block size that fits no layer, a method that cannot build on this model) is
+    the user's input, one line; anything else is a bug."""
+    if request is not None:
+        conn.send(request)
+    kind, value = conn.recv()
+    if kind == "error":
+        user_error, message = value
+        raise (ValueError if user_error else RuntimeError)(f"{where}: {message}")
+    return value
+
+
+def _finish(conn, proc, where: str):
+    """Stop a worker: its peak memory report, then the process joined."""
+    memory = _ask(conn, where, "stop")
+    proc.join()
+    return memory
 
 
 def time_methods(model, specs, layers, batch, seq, dtype, device, threads, warmup, rounds, autocast=False,
                  compiled=False) -> list[dict]:
     """One worker per method, steps interleaved round by round; with ``compiled``, each method twice, eager and
     ``torch.compile``'d, each compared with LoRA run the same way."""
-    ctx = mp.get_context("spawn")
-    workers = []
-    for mode in (False, True) if compiled else (False,):
-        for spec in specs:
-            parent, child = ctx.Pipe()
-            args = (child, model, spec, layers, batch, seq, dtype, device, threads, autocast, mode)
-            proc = ctx.Process(target=_worker, args=args, daemon=True)
-            proc.start()
-            workers.append((spec, parent, proc, mode))
+    runs = [(spec, mode) for mode in ((False, True) if compiled else (False,)) for spec in specs]
     rows = []
-    try:
-        for spec, conn, _, mode in tqdm(workers, desc="building models", leave=False):
-            kind, value = conn.recv()
-            if kind == "error":
-                raise _worker_error(spec.label, value)
+    with _spawned(_worker, [(model, spec, layers, batch, seq, dtype, device, threads, autocast, mode)
+                            for spec, mode in runs]) as workers:
+        for (spec, mode), (conn, _) in tqdm(list(zip(runs, workers)), desc="building models", leave=False):
             rows.append({"method": spec.name, "label": spec.label + (", compiled" if mode else ""), "value": spec.value,
-                         "compiled": mode, "trainable_params": value, "step_seconds": []})
+                         "compiled": mode, "trainable_params": _ask(conn, spec.label), "step_seconds": []})
         for r in tqdm(range(warmup + rounds), desc="interleaved steps"):
-            for row, (spec, conn, _, _) in zip(rows, workers):
-                conn.send("step")
-                kind, value = conn.recv()
-                if kind == "error":
-                    raise _worker_error(spec.label, value)
+            for row, (spec, _), (conn, _) in zip(rows, runs, workers):
+                seconds = _ask(conn, spec.label, "step")
                 if r >= warmup:
-                    row["step_seconds"].append(value)
-        for row, (spec, conn, proc, _) in zip(rows, workers):
-            conn.send("stop")
-            kind, value = conn.recv()
-            if kind == "error":
-                raise _worker_error(spec.label, value)
-            row["peak_memory_bytes"], row["memory_kind"] = value
-            proc.join()
-    finally:
-        for _, _, proc, _ in workers:
-            if proc.is_alive():
-                proc.kill()
+                    row["step_seconds"].append(seconds)
+        for row, (spec, _), (conn, proc) in zip(rows, runs, workers):
+            row["peak_memory_bytes"], row["memory_kind"] = _finish(conn, proc, spec.label)
     _add_ratios(rows, "step_seconds")
     return rows
 
@@ -288,48 +299,27 @@ def _serve_worker(conn, model, spec, adapters, layers, batch, seq, dtype, device
 def serve_methods(model, specs, counts, layers, batch, seq, dtype, device, threads, warmup, rounds) -> list[dict]:
     """For each adapter count N: one worker per method, a batch whose row i names adapter ``a{i mod N}``, forward
     and (causal LMs) ``generate`` timed in interleaved rounds; ratios to the first LoRA row with the same N."""
-    ctx = mp.get_context("spawn")
     rows = []
     for n in tqdm(counts, desc="adapter counts"):
-        workers = []
-        for spec in specs:
-            parent, child = ctx.Pipe()
-            args = (child, model, spec, n, layers, batch, seq, dtype, device, threads)
-            proc = ctx.Process(target=_serve_worker, args=args, daemon=True)
-            proc.start()
-            workers.append((spec, parent, proc))
         group = []
-        try:
-            for spec, conn, _ in workers:
-                kind, value = conn.recv()
-                if kind == "error":
-                    raise _worker_error(f"{spec.label}, {n} adapters", value)
+        arguments = [(model, spec, n, layers, batch, seq, dtype, device, threads) for spec in specs]
+        with _spawned(_serve_worker, arguments) as workers:
+            for spec, (conn, _) in zip(specs, workers):
+                ready = _ask(conn, f"{spec.label}, {n} adapters")
                 group.append({"method": spec.name, "label": spec.label, "value": spec.value,
                               "adapters": 0 if spec.name == "frozen" else n,
                               "distinct_in_batch": 0 if spec.name == "frozen" else min(n, batch),
-                              "adapter_bytes": value["adapter_bytes"], **{f"{c}_seconds": [] for c in value["calls"]}})
+                              "adapter_bytes": ready["adapter_bytes"], **{f"{c}_seconds": [] for c in ready["calls"]}})
             for r in range(warmup + rounds):
                 for call in ("forward", "generate"):
-                    for row, (spec, conn, _) in zip(group, workers):
+                    for row, spec, (conn, _) in zip(group, specs, workers):
                         if f"{call}_seconds" not in row:
                             continue
-                        conn.send(call)
-                        kind, value = conn.recv()
-                        if kind == "error":
-                            raise _worker_error(f"{spec.label}, {n} adapters, {call}", value)
+                        seconds = _ask(conn, f"{spec.label}, {n} adapters, {call}", call)
                         if r >= warmup:
-                            row[f"{call}_seconds"].append(value)
-            for row, (spec, conn, proc) in zip(group, workers):
-                conn.send("stop")
-                kind, value = conn.recv()
-                if kind == "error":
-                    raise _worker_error(f"{spec.label}, {n} adapters", value)
-                row["peak_memory_bytes"], row["memory_kind"] = value
-                proc.join()
-        finally:
-            for _, _, proc in workers:
-                if proc.is_alive():
-                    proc.kill()
+                            row[f"{call}_seconds"].append(seconds)
+            for row, spec, (conn, proc) in zip(group, specs, workers):
+                row["peak_memory_bytes"], row["memory_kind"] = _finish(conn, proc, f"{spec.label}, {n} adapters")
         lora = next((row for row in group if row["method"] == "lora"), None)
         for row in group:
             for call in ("forward", "generate"):
