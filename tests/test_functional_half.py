@@ -1,4 +1,5 @@
-"""The half-precision DFT-as-GEMM path of ``add_block_circular_conv`` against a float64 dense reference.
+"""The half-precision GEMM paths of ``add_block_circular_conv`` (the DFT as GEMMs; the dense delta matrix) against a
+float64 dense reference.
 
 Tolerances, from the arithmetic (normwise, ‖err‖_F ≤ tol·‖ref‖_F). The path is a chain of GEMMs with operands
 rounded to the half format (unit roundoff u: bf16 2^-8, fp16 2^-11) and fp32 accumulation. Each rounding of a
@@ -16,6 +17,11 @@ So tol = count·2√2·u, plus the fp32 accumulation, L·2^-24 for a reduction o
 (≤ 2^-14 here, kept for honesty). This is first-order and worst-case in each stage: measured errors are about
 1·u (independent roundings partly cancel), so the tests have room across BLAS libraries and CPUs yet fail for
 any real mistake (a wrong sign, slot or scale gives errors of order 1).
+
+The dense path rounds fewer things: the delta matrix's entries (copies of the kernel's) and each GEMM's output
+(forward 2, grad x 2); the kernel gradient is the weight gradient, rounded once, summed along the circulant
+diagonals in fp32 — b independent roundings per entry, so ≈ u·‖Gw‖ for random data, where ‖proj Gw‖ ≈ ‖Gw‖. The
+DFT path's counts bound it.
 """
 
 import math
@@ -25,6 +31,10 @@ import torch
 
 from c3a.functional import add_block_circular_conv, block_circular_conv, circulant_matrix, dft_max_block
 from conftest import UNIT_ROUNDOFF, dense_reference, half_tol, rel_err, saved_activations
+
+NODES = {"dft": "_DftBlockCircularConvBackward", "dense": "_DenseBlockCircularConvBackward",
+         "fft": "_BlockCircularConvBackward"}
+
 
 def _graph_nodes(t):
     """Names of the autograd nodes behind ``t`` (which path ran)."""
@@ -51,18 +61,19 @@ def _run(result, x, kernels, grad, **kw):
 SHAPES = [(2, 3, 8), (3, 2, 4), (1, 1, 2), (2, 2, 16), (1, 2, 6), (2, 1, 64)]
 
 
+@pytest.mark.parametrize("path", ["dft", "dense"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("lead", [(12,), (2, 5)])
-def test_dft_path_matches_densedense_reference(dtype, shape, lead):
+def test_gemm_paths_match_dense_reference(path, dtype, shape, lead):
     m, n, b = shape
     g = torch.Generator().manual_seed(hash((shape, lead)) % 2**31)
     kernel = torch.randn(m, n, b, generator=g)  # kernels stay fp32 (the layer's Parameters)
     x = torch.randn(*lead, n * b, generator=g).to(dtype)
     result = torch.zeros(*lead, m * b, dtype=dtype)  # zero: the error of the delta alone
     grad = torch.randn(*lead, m * b, generator=g).to(dtype)
-    y, gx, (gk,) = _run(result, x, [kernel], grad)
-    assert "_DftBlockCircularConvBackward" in _graph_nodes(y)
+    y, gx, (gk,) = _run(result, x, [kernel], grad, path=path)
+    assert NODES[path] in _graph_nodes(y)
     assert y.dtype == dtype and gx.dtype == dtype and gk.dtype == torch.float32 and y.shape == (*lead, m * b)
     ref, ref_gx, (ref_gk,) = dense_reference(result, x, [kernel], grad)
     tokens = math.prod(lead)
@@ -75,9 +86,10 @@ def test_dft_path_matches_densedense_reference(dtype, shape, lead):
 LARGE_SHAPES = [(3, 2, 2), (2, 3, 64), (2, 1, 256), (1, 1, 1024)]
 
 
+@pytest.mark.parametrize("path", ["dft", "dense"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", LARGE_SHAPES, ids=lambda s: f"b{s[2]}")
-def test_large_coherent_inputs_stay_finite_and_accurate(dtype, shape):
+def test_large_coherent_inputs_stay_finite_and_accurate(path, dtype, shape):
     """Inputs and output gradients of one sign near 4.8e4 (fp16's largest number is 65504): a block's DC is then
     b times its entries, the largest a spectrum gets. Transforms R/√b both ways made it √b·4.8e4 > 65504 for every
     b ≥ 2 (NaN outputs in fp16); the path must keep every intermediate within the data's size.
@@ -99,8 +111,8 @@ def test_large_coherent_inputs_stay_finite_and_accurate(dtype, shape):
     dense = circulant_matrix(kernel.double())
     kernel = kernel * (0.5 / max(dense.sum(1).max(), dense.sum(0).max())).item()
     result = torch.zeros(tokens, m * b, dtype=dtype)  # zero: the error of the delta alone
-    y, gx, (gk,) = _run(result, x, [kernel], grad, path="dft")
-    assert "_DftBlockCircularConvBackward" in _graph_nodes(y)
+    y, gx, (gk,) = _run(result, x, [kernel], grad, path=path)
+    assert NODES[path] in _graph_nodes(y)
     assert y.isfinite().all() and gx.isfinite().all() and gk.isfinite().all()
     ref, ref_gx, (ref_gk,) = dense_reference(result, x, [kernel], grad)
     assert ref.abs().max() < 2.6e4 and ref_gx.abs().max() < 2.6e4  # as designed: the results fit fp16
@@ -109,17 +121,20 @@ def test_large_coherent_inputs_stay_finite_and_accurate(dtype, shape):
     assert rel_err(gk, ref_gk) <= half_tol(dtype, "grad_k", max(b, tokens))
 
 
-def test_several_kernels_mixed_block_sizes_and_fallbacks():
-    """Two adapters with b = 8 (summed into one), one with b = 4 (DFT), one with odd b = 3 (FFT fallback)."""
+@pytest.mark.parametrize("width, block_sizes, paths", [
+    (24, (8, 4, 8, 3), {"dense"}),  # narrow: the dense path, odd b included
+    (960, (64, 32, 64, 15), {"dft", "fft"}),  # wider: the DFT path, and the FFT for odd b
+])
+def test_several_kernels_mixed_block_sizes_and_fallbacks(width, block_sizes, paths):
+    """Two adapters with the same b (summed into one) and two others, each block size by its own path."""
     torch.manual_seed(0)
-    d_in, d_out = 24, 48
-    kernels = [torch.randn(d_out // b, d_in // b, b) for b in (8, 4, 8, 3)]
+    d_in, d_out = width, 2 * width if width < 64 else width
+    kernels = [torch.randn(d_out // b, d_in // b, b) / d_in**0.5 for b in block_sizes]
     x = torch.randn(10, d_in).bfloat16()
     result = torch.randn(10, d_out).bfloat16()
     grad = torch.randn(10, d_out).bfloat16()
     y, gx, gks = _run(result, x, kernels, grad)
-    names = _graph_nodes(y)
-    assert "_DftBlockCircularConvBackward" in names and "_BlockCircularConvBackward" in names
+    assert {path for path, node in NODES.items() if node in _graph_nodes(y)} == paths
     ref, ref_gx, ref_gks = dense_reference(result, x, kernels, grad)
     u = UNIT_ROUNDOFF[torch.bfloat16]
     # result is not zero: the output's own rounding (≤ u·‖ref‖) comes on top of the delta's error
@@ -129,7 +144,8 @@ def test_several_kernels_mixed_block_sizes_and_fallbacks():
         assert rel_err(gk, ref_gk) <= half_tol(torch.bfloat16, "grad_k", 10)
 
 
-def test_autocast_with_fp32_input_and_weights():
+@pytest.mark.parametrize("path", ["dft", "dense"])
+def test_autocast_with_fp32_input_and_weights(path):
     """Inside autocast(bf16) the frozen layer returns bf16 from fp32 x: the DFT path runs in bf16, x's gradient
     stays fp32, and nothing inside is re-cast by autocast."""
     torch.manual_seed(0)
@@ -139,8 +155,8 @@ def test_autocast_with_fp32_input_and_weights():
     xr, kr = x.clone().requires_grad_(), kernel.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         result = base(x)  # x without grad here, so that xr.grad is the adapter's alone
-        y = add_block_circular_conv(result, xr, [kr])
-    assert result.dtype == y.dtype == torch.bfloat16 and "_DftBlockCircularConvBackward" in _graph_nodes(y)
+        y = add_block_circular_conv(result, xr, [kr], path=path)
+    assert result.dtype == y.dtype == torch.bfloat16 and NODES[path] in _graph_nodes(y)
     y.backward(grad)
     assert xr.grad.dtype == torch.float32 and kr.grad.dtype == torch.float32
     # the path sees x rounded to bf16; the reference uses the same rounded input
@@ -173,18 +189,20 @@ def test_exact_delta_rounds_once(dtype):
     assert rel_err(y_exact, exact_sum) <= rel_err(y_fast, exact_sum)
 
 
-def test_exact_delta_on_fft_fallback():
+@pytest.mark.parametrize("path", ["fft", "dense"])
+def test_exact_delta_on_odd_block_sizes(path):
     torch.manual_seed(0)
-    kernel = torch.randn(2, 2, 5) * 0.05  # odd b: FFT path
+    kernel = torch.randn(2, 2, 5) * 0.05  # odd b: the FFT path, or the dense one
     x, result = torch.randn(7, 10).bfloat16(), torch.randn(7, 10).bfloat16()
     exact_sum = result.double() + x.double() @ circulant_matrix(kernel.double()).T
-    y = add_block_circular_conv(result, x, [kernel], exact_delta=True)
+    y = add_block_circular_conv(result, x, [kernel], exact_delta=True, path=path)
     assert y.dtype == torch.bfloat16
     assert ((y.double() - exact_sum).abs() <= 2.0**-8 * exact_sum.abs() + 1e-6).all()
 
 
+@pytest.mark.parametrize("path", ["dft", "dense"])
 @pytest.mark.parametrize("shape", [(2, 3, 8), (3, 2, 4), (1, 1, 2), (2, 1, 6)])
-def test_dft_construction_gradcheck_float64(shape):
+def test_gemm_construction_gradcheck_float64(path, shape):
     """The very same GEMM construction run in float64: exact forward and gradients for result, x and kernel."""
     m, n, b = shape
     torch.manual_seed(1)
@@ -192,32 +210,34 @@ def test_dft_construction_gradcheck_float64(shape):
     x = torch.randn(2, 3, n * b, dtype=torch.float64, requires_grad=True)
     result = torch.randn(2, 3, m * b, dtype=torch.float64, requires_grad=True)
 
-    def dft(result, x, kernel):
-        return add_block_circular_conv(result, x, [kernel], path="dft")
+    def gemm(result, x, kernel):
+        return add_block_circular_conv(result, x, [kernel], path=path)
 
-    torch.testing.assert_close(dft(result, x, kernel), result + block_circular_conv(x, kernel), rtol=1e-12, atol=1e-12)
-    assert "_DftBlockCircularConvBackward" in _graph_nodes(dft(result, x, kernel))
-    assert torch.autograd.gradcheck(dft, (result, x, kernel))
+    torch.testing.assert_close(gemm(result, x, kernel), result + block_circular_conv(x, kernel), rtol=1e-12, atol=1e-12)
+    assert NODES[path] in _graph_nodes(gemm(result, x, kernel))
+    assert torch.autograd.gradcheck(gemm, (result, x, kernel))
 
 
 def test_dispatch():
-    k_even, k_odd = torch.randn(2, 2, 8), torch.randn(2, 2, 5)
-    k_large = torch.randn(1, 1, 2 * dft_max_block("cpu"))
-    for x_dtype, kernel, path in [
-        (torch.float32, k_even, "fft"),  # full precision: the FFT path (the layer folds before calling)
-        (torch.float64, k_even, "fft"),
-        (torch.bfloat16, k_even, "dft"),
-        (torch.float16, k_even, "dft"),
-        (torch.bfloat16, k_odd, "fft"),  # odd b has no shared DC/Nyquist slot
-        (torch.bfloat16, k_large, "fft"),  # beyond where the b×b GEMM pays
-    ]:
-        x = torch.randn(3, kernel.shape[1] * kernel.shape[2]).to(x_dtype).requires_grad_()
-        result = torch.zeros(3, kernel.shape[0] * kernel.shape[2], dtype=x_dtype)
-        names = _graph_nodes(add_block_circular_conv(result, x, [kernel]))
-        assert ("_DftBlockCircularConvBackward" in names) == (path == "dft"), (x_dtype, kernel.shape)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 tensors, but autocast: half precision
-        x = torch.randn(3, 16, requires_grad=True)
-        assert "_DftBlockCircularConvBackward" in _graph_nodes(add_block_circular_conv(torch.zeros(3, 16), x, [k_even]))
+    """Full precision: FFT (the layer folds before calling). Half precision, by shape: narrow layers (where the dense
+    GEMMs beat the DFT path's small ones) dense, whatever b; wider ones the DFT path for even b up to its limit, else
+    the FFT path."""
+
+    def path_of(dtype, d_in, d_out, b, autocast=False):
+        x = torch.randn(3, d_in).to(dtype).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            names = _graph_nodes(add_block_circular_conv(torch.zeros(3, d_out, dtype=dtype), x, [torch.randn(d_out // b, d_in // b, b)]))
+        return next(path for path, node in NODES.items() if node in names)
+
+    assert path_of(torch.float32, 16, 16, 8) == path_of(torch.float64, 16, 16, 8) == "fft"
+    for dtype in (torch.bfloat16, torch.float16):
+        assert path_of(dtype, 16, 16, 8) == path_of(dtype, 15, 10, 5) == "dense"  # narrow: any b
+        assert path_of(dtype, 576, 192, 48) == "dense"  # SmolLM2's v_proj
+        assert path_of(dtype, 576, 576, 48) == path_of(dtype, 1024, 1024, 64) == "dft"
+        assert path_of(dtype, 1029, 1029, 49) == "fft"  # odd b, wide
+        assert path_of(dtype, 4096, 1024, 512) == "fft"  # beyond where the b×b GEMM pays, not narrow
+    assert path_of(torch.float32, 576, 576, 48, autocast=True) == "dft"  # fp32 tensors under autocast: half
+    assert path_of(torch.float32, 16, 16, 8, autocast=True) == "dense"
 
 
 def test_dft_threshold_is_per_device_type():
@@ -252,18 +272,19 @@ def test_inplace_accumulates_into_result_with_the_same_gradients(view):
     assert all(torch.equal(a, b) for a, b in zip(gk0, gk1))
 
 
+@pytest.mark.parametrize("path", ["dft", "dense"])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_inference_runs_without_an_autograd_node_and_equals_the_training_call(inplace):
+def test_inference_runs_without_an_autograd_node_and_equals_the_training_call(path, inplace):
     """Under ``no_grad`` the DFT path is a plain function (nothing saved, no node, what torch.compile traces in
     inference); its output is bit-identical to the differentiable call's, in place or not."""
     torch.manual_seed(0)
     kernel, x = torch.randn(6, 4, 8), torch.randn(5, 32).bfloat16()
     result = torch.randn(5, 48).bfloat16()
-    with_grad = add_block_circular_conv(result.clone(), x, [kernel.requires_grad_()], inplace=inplace)
-    assert "_DftBlockCircularConvBackward" in _graph_nodes(with_grad)
+    with_grad = add_block_circular_conv(result.clone(), x, [kernel.requires_grad_()], inplace=inplace, path=path)
+    assert NODES[path] in _graph_nodes(with_grad)
     target = result.clone()
     with torch.no_grad():
-        plain = add_block_circular_conv(target, x, [kernel], inplace=inplace)
+        plain = add_block_circular_conv(target, x, [kernel], inplace=inplace, path=path)
     assert plain.grad_fn is None and torch.equal(plain, with_grad.detach())
     assert (plain.data_ptr() == target.data_ptr()) == inplace and torch.equal(target, plain if inplace else result)
 

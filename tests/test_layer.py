@@ -11,6 +11,7 @@ from transformers.pytorch_utils import Conv1D
 from peft import get_peft_model
 
 from c3a import C3AConfig, C3ALinear, circulant_matrix
+from conftest import UNIT_ROUNDOFF, half_tol, rel_err, saved_activations
 
 
 def _layer(base: nn.Module, *adapters: tuple[str, int]) -> C3ALinear:
@@ -144,6 +145,37 @@ def test_autocast_uses_the_fft_path():
         y = layer(x)
     assert y.dtype == torch.bfloat16
     assert (y.float() - expected).norm() < 1e-2 * expected.norm()
+
+
+@pytest.mark.parametrize("d_out, b", [(256, 64), (64, 16)])  # the DFT path; a narrow layer's dense path
+def test_autocast_casts_the_input_once_for_the_base_and_the_delta(d_out, b):
+    """Under bf16 autocast an fp32 input is cast once and shared: the frozen output is bit-identical to the bare
+    base layer's under autocast, what the layer keeps for backward is that bf16 copy (no fp32 activation), and the
+    input gradient — both parts meeting in bf16, converted once — is the float64 reference's within bf16
+    roundings (the delta path's bound, plus one rounding of the sum)."""
+    torch.manual_seed(0)
+    layer = _layer(nn.Linear(256, d_out), ("a", b))
+    x = torch.randn(64, 256, requires_grad=True)
+    grad = torch.randn(64, d_out)
+    with torch.no_grad():
+        kernel = layer.c3a_kernel["a"].clone()
+        layer.c3a_kernel["a"].zero_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(layer(x), layer.base_layer(x))  # a zero delta: exactly the frozen output
+        with torch.no_grad():
+            layer.c3a_kernel["a"].copy_(kernel)
+        saved = [t for t in saved_activations(lambda: layer(x), x) if t.shape == x.shape]  # not the weight's cast
+        y = layer(x)
+    assert saved and all(t.dtype == torch.bfloat16 for t in saved)
+    assert len({t.data_ptr() for t in saved}) == 1
+    y.backward(grad.bfloat16())
+    assert x.grad.dtype == torch.float32
+    base = layer.base_layer
+    x16 = x.detach().bfloat16().double().requires_grad_()
+    dense = base.weight.detach().bfloat16().double() + circulant_matrix(kernel.double()) / 256
+    (x16 @ dense.T).backward(grad.bfloat16().double())
+    u = UNIT_ROUNDOFF[torch.bfloat16]
+    assert rel_err(x.grad, x16.grad) <= half_tol(torch.bfloat16, "grad_x", d_out) + u
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the DFT path, in place on row copies

@@ -1,7 +1,7 @@
 """Work dispatched per forward + backward of one adapted layer, counted with ``torch.profiler`` on CPU: the proxy
 for kernel launches on GPU (each counted op is one library call or elementwise pass). Bounds are pinned per path
-so that small copies and fills cannot creep back; the DFT path (half precision) must stay within PEFT's LoRA
-count + 10 on the same layer.
+so that small copies and fills cannot creep back; the half-precision GEMM paths (DFT, dense) must stay within PEFT's
+LoRA count + 10 on the same layer.
 
 Counted: aten ops with no aten op below them (the ones that do the work), except views and metadata ops
 (no data moves) and allocations; a BLAS or FFT call counts once, whatever it does inside.
@@ -73,7 +73,7 @@ def _steps(dtype, autocast):
 
     steps = {"lora": step(lambda: lora(x)), "fft": ours("fft")}
     if dtype != torch.float32 or autocast:
-        steps["dft"] = ours("dft")
+        steps["dft"], steps["dense"] = ours("dft"), ours("dense")
     else:
         steps["fold"] = step(lambda: block_circulant_linear(x, base.weight, base.bias, [kernel / D]))
     return steps
@@ -95,5 +95,6 @@ def test_ops_per_step_stay_within_bounds(dtype, autocast):
     for path, bound in BOUNDS.items():
         if path in totals:
             assert totals[path] <= bound, (path, counts[path])
-    if "dft" in totals:
-        assert totals["dft"] <= totals["lora"] + 10, (counts["dft"], counts["lora"])
+    for path in ("dft", "dense"):
+        if path in totals:
+            assert totals[path] <= totals["lora"] + 10, (path, counts[path], counts["lora"])

@@ -8,7 +8,7 @@ So ``y = C x`` is a circular *cross-correlation*; with real FFTs over the last a
 ``Y_i = Σ_j conj(K_ij) ∘ X_j``. The input gradient is the transpose, ``G_x,j = Σ_i K_ij ∘ G_i``
 (a convolution, no conjugate), and the kernel gradient is ``irfft(Σ_tokens conj(G_i) ∘ X_j)``.
 
-Two ways to compute it:
+Three ways to compute it:
 
 - **FFT** (:func:`block_circular_conv`): ``rfft`` → one batched complex GEMM over frequencies → ``irfft``, in
   fp32 (fp64 for fp64 inputs). Exact to the compute precision; memory-bound in half precision (fp32 copies,
@@ -18,6 +18,11 @@ Two ways to compute it:
   accumulation, no layout copy, the inverse accumulated straight into the frozen layer's output. Its
   transforms are scaled so that no intermediate outgrows the data (fp16's range); what precision each dtype
   gets is listed in :func:`add_block_circular_conv`.
+
+- **Dense delta** (half precision, narrow layers): the delta's own ``(m·b) × (n·b)`` matrix, its entries the
+  kernel's rounded once, in one GEMM per product (three per training step); the kernel gradient is the weight
+  gradient summed along the circulant diagonals. Cheaper than the DFT path's many small GEMMs when the layer is
+  narrow (SmolLM2's 576→192 projections on a CPU).
 
 :func:`add_block_circular_conv` is the one entry point of the layer's unfolded path and picks between them.
 """
@@ -33,8 +38,11 @@ from torch.autograd.function import once_differentiable
 from torch.fft import irfft, rfft
 
 __all__ = [
+    "DENSE_MAX_SIZE",
     "DFT_MAX_BLOCK",
+    "DFT_SLOWDOWN",
     "add_block_circular_conv",
+    "autocast_half_dtype",
     "block_circular_conv",
     "block_circulant_linear",
     "circulant_matrix",
@@ -48,6 +56,30 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 # GEMM path stops paying for large b. Measured (docs/performance.md): between b = 256 and 512 on a 2-core
 # x86-64 CPU; on an H200 the GEMM path is still ahead at b = 1024 (2048 unmeasured). Other devices: the CPU's.
 DFT_MAX_BLOCK = {"cpu": 256, "cuda": 1024}
+
+
+# Half-precision path by shape. The dense path costs 3·d_in·d_out multiply-adds per token in three GEMMs of the
+# frozen layer's own size; the DFT path (3·d_in + 2·d_out)·b in its transforms (GEMMs with inner dimension b) and
+# 6·d_in·d_out/b in its mixing (batches of (d_in/b × d_out/b) blocks). On a CPU small GEMMs run far below a large
+# one's rate and each carries a fixed cost, so the DFT path's work is weighted by DFT_SLOWDOWN: its transforms
+# always, its mixing when the blocks are small (a side under 64). Fitted to forward+backward timings of one layer
+# under bf16 autocast on a 2-core x86-64 CPU (docs/performance.md): the dense path wins for SmolLM2's v_proj
+# (576→192) and loses for 576×576 at b ≥ 48. Only narrow layers (d_in·d_out ≤ DENSE_MAX_SIZE, the measured range):
+# against the FFT path (odd or large b) the dense GEMMs' quadratic cost was measured up to 1024×1024 only. Devices
+# not listed (CUDA: not measured) keep the DFT/FFT paths.
+DFT_SLOWDOWN = {"cpu": 4.5}
+DENSE_MAX_SIZE = 1024 * 1024
+
+
+def _half_path(b: int, d_in: int, d_out: int, device: torch.device) -> str:
+    """The half-precision path for a ``(d_out × d_in)`` layer with blocks of ``b`` on ``device``."""
+    slowdown = DFT_SLOWDOWN.get(device.type)
+    if slowdown is not None and d_in * d_out <= DENSE_MAX_SIZE:
+        transforms, mixing = (3 * d_in + 2 * d_out) * b, 6 * d_in * d_out / b
+        small_blocks = min(d_in, d_out) < 64 * b
+        if 3 * d_in * d_out <= slowdown * transforms + (slowdown if small_blocks else 1) * mixing:
+            return "dense"
+    return "dft" if b % 2 == 0 and b <= dft_max_block(device) else "fft"
 
 
 def dft_max_block(device: torch.device | str) -> int:
@@ -266,6 +298,21 @@ def _from_slots(spec: torch.Tensor, b: int) -> torch.Tensor:
     return spec.view(b, -1).T
 
 
+def _writes_fp32(t: torch.Tensor) -> bool:
+    """Whether half-precision GEMMs on ``t``'s device write an fp32 result (``out_dtype``: CUDA, recent torch)."""
+    return t.dtype in HALF_DTYPES and t.device.type == "cuda" and _out_dtype_supported(t.dtype, t.device)
+
+
+@functools.lru_cache(maxsize=8)
+def _out_dtype_supported(dtype: torch.dtype, device: torch.device) -> bool:
+    one = torch.ones(1, 1, dtype=dtype, device=device)
+    try:
+        torch.mm(one, one, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):  # torch without out_dtype for this backend
+        return False
+    return True
+
+
 def _block_grads(g_spec: torch.Tensor, spec: torch.Tensor) -> torch.Tensor:
     """``Σ_tokens Ĝᵀ X̂`` per slot as the mixing blocks' gradient ``(3S, m, n)`` in fp32: the diagonal blocks, then
     the cross blocks (im→re minus re→im), from spectra ``(2, S, T, m)`` and ``(2, S, T, n)``.
@@ -276,12 +323,9 @@ def _block_grads(g_spec: torch.Tensor, spec: torch.Tensor) -> torch.Tensor:
     _, S, T, m = g_spec.shape
     n = spec.shape[-1]
     gt = g_spec.view(2 * S, T, m).mT
-    if spec.dtype in HALF_DTYPES and spec.device.type == "cuda":
-        try:
-            wide = functools.partial(torch.bmm, out_dtype=torch.float32)
-            return torch.cat([wide(gt, spec.view(2 * S, T, n)), wide(gt[:S], spec[1]) - wide(gt[S:], spec[0])])
-        except (TypeError, RuntimeError, NotImplementedError):  # torch without out_dtype
-            pass
+    if _writes_fp32(spec):
+        wide = functools.partial(torch.bmm, out_dtype=torch.float32)
+        return torch.cat([wide(gt, spec.view(2 * S, T, n)), wide(gt[:S], spec[1]) - wide(gt[S:], spec[0])])
     if spec.dtype == torch.float16:
         gt, spec = gt.float(), spec.float()
     out = spec.new_empty(3 * S, m, n)
@@ -301,12 +345,20 @@ def _dft_forward(
     transform, (inverse, alpha) = _dft_transforms(b, dtype, x.device)
     with torch.autocast(x.device.type, enabled=False):
         delta_rows = _from_slots(_mix_slots(_to_slots(x.reshape(-1, n * b), transform, n), blocks), b)
-        if result.dtype != dtype:  # e.g. an fp32 frozen output: one add in its precision
-            delta = _gemm(delta_rows, inverse, alpha)
-            return torch.add(result, delta.view(result.shape)).to(result.dtype)
-        out = result if inplace else result.clone(memory_format=torch.contiguous_format)
-        out.view(-1, b).addmm_(delta_rows, inverse, alpha=alpha)  # the inverse GEMM accumulates: no add pass
-        return out
+        return _add_product(result, delta_rows, inverse, alpha, dtype, inplace)
+
+
+def _add_product(
+    result: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, dtype: torch.dtype, inplace: bool
+) -> torch.Tensor:
+    """``result + alpha·(a @ b)``, the product's rows laid over ``result``'s. With ``result`` in ``dtype`` the GEMM
+    accumulates into it (no add pass), into ``result`` itself when ``inplace``; otherwise (e.g. an fp32 frozen
+    output) the product is added in ``result``'s precision."""
+    if result.dtype != dtype:
+        return torch.add(result, _gemm(a, b, alpha).view(result.shape)).to(result.dtype)
+    out = result if inplace else result.clone(memory_format=torch.contiguous_format)
+    out.view(-1, b.shape[1]).addmm_(a, b, alpha=alpha)
+    return out
 
 
 def _dft_blocks(kernel: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -368,17 +420,102 @@ class _DftBlockCircularConv(torch.autograd.Function):
         return grad_out if needs[0] else None, grad_x, grad_k, None, None
 
 
-def _dft_conv_add(
-    result: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, dtype: torch.dtype, inplace: bool
+# -- half precision, narrow layers: the delta as one dense GEMM ----------------------------------------------------
+#
+# The DFT path costs ~2.5·b·(d_in + d_out) multiply-adds per token in fourteen GEMMs per training step, most of them
+# small; on a CPU each half-precision GEMM also carries a fixed cost of tens of µs. For a narrow layer one GEMM with
+# the delta's own (d_out × d_in) matrix per product is cheaper (three per step: d_in·d_out each, at the frozen GEMM's
+# efficiency). The matrix holds the kernel's entries rounded once to the half format (building it moves numbers, no
+# arithmetic); each product accumulates in fp32; the delta is a GEMM of its own, never folded into the frozen
+# weight. The kernel's gradient is the weight gradient's circulant projection (the adjoint of the build),
+# Σ_r Gw[i·b + r, j·b + (r + c) mod b], summed in fp32 from the weight gradient formed as the DFT path forms its
+# blocks' gradient (fp32 where the backend writes it, else rounded once to bf16; fp16 from fp32 operands).
+
+
+def _circulant_projection(grad_w: torch.Tensor, m: int, n: int, b: int) -> torch.Tensor:
+    """The kernel gradient ``(m, n, b)`` from the dense delta's gradient ``(m·b, n·b)``, the adjoint of
+    :func:`circulant_matrix`: ``Σ_r Gw[i·b + r, j·b + (r + c) mod b]``. Each block row's columns wrapped once more
+    (one copy) make every circulant diagonal a strided view, summed over rows."""
+    wrapped = torch.cat([grad_w.view(m, b, n, b)] * 2, dim=-1)  # (m, b, n, 2b): [..., t] = Gw[..., t mod b]
+    diagonals = wrapped.as_strided((m, n, b, b), (b * n * 2 * b, 2 * b, 1, n * 2 * b + 1))  # [i, j, c, r]
+    return diagonals.sum(-1)
+
+
+def _weight_grad(g2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """``Σ_tokens gᵀ x`` ``(m·b, n·b)`` summed in fp32 and returned in fp32 (fp64 stays fp64)."""
+    if _writes_fp32(g2):
+        return torch.mm(g2.T, x2, out_dtype=torch.float32)
+    if g2.dtype == torch.float16:  # fp16's range may not hold a sum over all tokens
+        g2, x2 = g2.float(), x2.float()
+    out = torch.mm(g2.T, x2)
+    return out.float() if out.dtype == torch.bfloat16 else out
+
+
+def _dense_delta(kernel: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The block-circulant ``(m·b, n·b)`` matrix of ``kernel`` with its entries rounded once to ``dtype``."""
+    return circulant_matrix(kernel.to(dtype))
+
+
+def _dense_forward(
+    result: torch.Tensor, x: torch.Tensor, delta_w: torch.Tensor, dtype: torch.dtype, inplace: bool
 ) -> torch.Tensor:
+    with torch.autocast(x.device.type, enabled=False):
+        return _add_product(result, x.reshape(-1, delta_w.shape[1]).to(dtype), delta_w.T, 1.0, dtype, inplace)
+
+
+class _DenseBlockCircularConv(torch.autograd.Function):
+    """``result + x @ C(kernel)ᵀ`` as one GEMM with the dense delta matrix in ``dtype``, fp32 accumulation.
+
+    Saved for backward: ``x`` as it came and the kernel (the matrix is rebuilt: ``d_out·d_in`` moves, no
+    activation-sized memory). ``inplace`` as in :class:`_DftBlockCircularConv`.
+    """
+
+    @staticmethod
+    def forward(ctx, result, x, kernel, dtype, inplace):
+        inplace = _writes_in_place(result, dtype, inplace) and not torch.compiler.is_compiling()
+        out = _dense_forward(result, x, _dense_delta(kernel, dtype), dtype, inplace)
+        if inplace:
+            ctx.mark_dirty(result)
+        ctx.save_for_backward(x, kernel)
+        ctx.dtype = dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, kernel = ctx.saved_tensors
+        m, n, b = kernel.shape
+        needs = ctx.needs_input_grad
+        grad_x = grad_k = None
+        with torch.autocast(x.device.type, enabled=False):
+            g2 = grad_out.reshape(-1, m * b).to(ctx.dtype)
+            if needs[1]:
+                grad_x = (g2 @ _dense_delta(kernel, ctx.dtype)).view(x.shape).to(x.dtype)
+            if needs[2]:
+                grad_w = _weight_grad(g2, x.reshape(-1, n * b).to(ctx.dtype))
+                grad_k = _circulant_projection(grad_w, m, n, b).to(kernel.dtype)
+        return grad_out if needs[0] else None, grad_x, grad_k, None, None
+
+
+# path → (autograd Function, its forward without a graph, the kernel's form that forward takes)
+_GEMM_PATHS = {
+    "dft": (_DftBlockCircularConv, _dft_forward, _dft_blocks),
+    "dense": (_DenseBlockCircularConv, _dense_forward, _dense_delta),
+}
+
+
+def _gemm_conv_add(
+    path: str, result: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, dtype: torch.dtype, inplace: bool
+) -> torch.Tensor:
+    function, forward, prepare = _GEMM_PATHS[path]
     kernel = kernel.to(torch.float64 if dtype == torch.float64 else kernel.dtype)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (result, x, kernel)):
-        return _DftBlockCircularConv.apply(result, x, kernel, dtype, inplace)
+        return function.apply(result, x, kernel, dtype, inplace)
     # Inference: no autograd node, nothing saved (and torch.compile traces the in-place accumulation plainly).
-    return _dft_forward(result, x, _dft_blocks(kernel, dtype), dtype, _writes_in_place(result, dtype, inplace))
+    return forward(result, x, prepare(kernel, dtype), dtype, _writes_in_place(result, dtype, inplace))
 
 
-def _autocast_half_dtype(device_type: str) -> Optional[torch.dtype]:
+def autocast_half_dtype(device_type: str) -> Optional[torch.dtype]:
     """The half-precision dtype autocast is running in on ``device_type``, or ``None`` (off, fp32, or a device
     without autocast such as ``meta``)."""
     if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
@@ -389,7 +526,7 @@ def _autocast_half_dtype(device_type: str) -> Optional[torch.dtype]:
 
 def _half_dtype(result: torch.Tensor, x: torch.Tensor) -> Optional[torch.dtype]:
     """The half-precision dtype this call runs in (autocast's, else x's or result's), or ``None``."""
-    return _autocast_half_dtype(x.device.type) or next((t.dtype for t in (x, result) if t.dtype in HALF_DTYPES), None)
+    return autocast_half_dtype(x.device.type) or next((t.dtype for t in (x, result) if t.dtype in HALF_DTYPES), None)
 
 
 def add_block_circular_conv(
@@ -407,9 +544,11 @@ def add_block_circular_conv(
     Kernels with the same block size are summed first (``Σ_k C(k) = C(Σ_k k)``), so several adapters cost
     one. Per block size ``b`` the path is:
 
-    - ``"dft"`` when the call runs in half precision (``x`` or ``result`` bf16/fp16, or autocast active) and
-      ``b`` is even and at most :func:`dft_max_block` (256 on CPU, 1024 on CUDA): three GEMMs with
-      half-precision operands and fp32 accumulation, the last one accumulating into ``result``;
+    - when the call runs in half precision (``x`` or ``result`` bf16/fp16, or autocast active):
+      ``"dense"`` for narrow layers on CPU (:data:`DFT_SLOWDOWN`, any ``b``): one GEMM with the delta's own
+      ``(d_out × d_in)`` matrix in the half format, accumulating into ``result``; else ``"dft"`` when ``b`` is even
+      and at most :func:`dft_max_block` (256 on CPU, 1024 on CUDA): three GEMMs with half-precision operands and
+      fp32 accumulation, the last one accumulating into ``result``;
     - ``"fft"`` otherwise (fp32/fp64; odd or large ``b``): :func:`block_circular_conv`, computed in fp32/fp64.
 
     Args:
@@ -420,8 +559,8 @@ def add_block_circular_conv(
             fp32, so that the output is rounded to ``result``'s dtype once. Slower (fp32 GEMMs); the default
             rounds the half-precision spectra, a relative error of order the format's unit roundoff *of the
             delta*, which is small against the rounding of the output itself.
-        path: force ``"dft"`` or ``"fft"`` (benchmarks, tests); ``None`` picks as above. ``"dft"`` with an
-            odd block size is an error.
+        path: force ``"dft"``, ``"dense"`` or ``"fft"`` (benchmarks, tests); ``None`` picks as above. ``"dft"``
+            with an odd block size is an error.
         inplace: the DFT path may accumulate into ``result``'s own storage (autograd-aware), saving a copy
             of it — for a caller that owns ``result``, as the layer owns its frozen output.
 
@@ -440,12 +579,16 @@ def add_block_circular_conv(
       (backward: ``max|g|`` and ``‖ΔWᵀ‖_∞·max|g|`` for the output gradient ``g``), so fp16 cannot overflow
       unless one of those exceeds its range (65504). Below fp16's normal range (2^-14) spectra round to
       subnormals: an absolute error of at most ``b·2^-24`` per output entry.
+    - bf16/fp16, dense path: the delta matrix's entries (the kernel's) rounded once to the format, each product
+      accumulated in fp32; the kernel gradient is the weight gradient (rounded once to bf16 on CPU, formed in fp32
+      for fp16) summed along the circulant diagonals in fp32. Same order of error as the DFT path; the same
+      overflow bounds (no intermediate beyond ``max|x|``, the delta's or the input gradient's own size).
     - half precision, FFT path (odd ``b``, or ``b`` above :func:`dft_max_block`): computed in fp32, one rounding
       of the delta to the output's dtype.
     - ``exact_delta=True``: the delta entirely in fp32 (fp64 for fp64 inputs), the output rounded once.
     """
-    if path not in (None, "dft", "fft"):
-        raise ValueError(f"path must be None, 'dft' or 'fft', got {path!r}")
+    if path not in (None, "dft", "dense", "fft"):
+        raise ValueError(f"path must be None, 'dft', 'dense' or 'fft', got {path!r}")
     by_block: dict[int, torch.Tensor] = {}
     for kernel in kernels:
         _check(x, kernel)
@@ -459,14 +602,13 @@ def add_block_circular_conv(
         wide = torch.float64 if torch.float64 in (x.dtype, result.dtype) else torch.float32
         inplace = inplace or result.dtype != wide  # the converted copy is ours
         result = result.to(wide)
-    largest = dft_max_block(x.device)
     for b, kernel in by_block.items():
-        chosen = path or ("dft" if half is not None and b % 2 == 0 and b <= largest else "fft")
-        if chosen == "dft":
-            if b % 2:
-                raise ValueError(f"the DFT path needs an even block size, got {b}")
+        chosen = path or ("fft" if half is None else _half_path(b, x.shape[-1], result.shape[-1], x.device))
+        if chosen == "dft" and b % 2:
+            raise ValueError(f"the DFT path needs an even block size, got {b}")
+        if chosen in _GEMM_PATHS:
             dtype = result.dtype if exact_delta or half is None else half
-            result = _dft_conv_add(result, x, kernel, dtype, inplace)
+            result = _gemm_conv_add(chosen, result, x, kernel, dtype, inplace)
         else:
             result = result + _BlockCircularConv.apply(x, kernel, result.dtype)
         inplace = True  # a fresh tensor from here on: ours to accumulate into
@@ -481,17 +623,20 @@ def circulant_matrix(kernel: torch.Tensor) -> torch.Tensor:
     if kernel.dim() != 3:
         raise ValueError(f"kernel must have shape (m, n, b), got {tuple(kernel.shape)}")
     m, n, b = kernel.shape
-    return _circulant_blocks(kernel).permute(0, 2, 1, 3).reshape(m * b, n * b)
+    return _hankel(kernel).permute(0, 2, 1, 3).flip(1).reshape(m * b, n * b)  # one copy, in the final layout
+
+
+def _hankel(kernel: torch.Tensor) -> torch.Tensor:
+    """``(m, n, b, b)`` view ``H[..., s, c] = v[(s + c + 1) mod b]`` of the wrapped kernel: ``C(v)`` is ``H`` with its
+    rows reversed (a Toeplitz matrix has no view with non-negative strides; a reversed Hankel one costs one
+    contiguous copy, far cheaper than a gather)."""
+    b = kernel.shape[-1]
+    return torch.cat([kernel[..., 1:], kernel], dim=-1).unfold(-1, b, 1)
 
 
 def _circulant_blocks(kernel: torch.Tensor) -> torch.Tensor:
-    """``(m, n, b, b)`` circulant blocks. Windows of the wrapped kernel form a Hankel matrix
-    ``H[s, c] = v[(s + c) mod b]`` as a view; taking its rows in the order ``(b - r) mod b`` gives
-    ``C[r, c] = v[(c - r) mod b]`` with a single row-contiguous copy (much cheaper than a gather)."""
-    b = kernel.shape[-1]
-    hankel = torch.cat([kernel, kernel[..., :-1]], dim=-1).unfold(-1, b, 1)
-    rows = (b - torch.arange(b, device=kernel.device)) % b
-    return hankel[:, :, rows]
+    """``(m, n, b, b)`` circulant blocks ``C(kernel[i, j])``."""
+    return _hankel(kernel).flip(-2)
 
 
 def _effective_weight(weight: torch.Tensor, kernels: Sequence[torch.Tensor]) -> torch.Tensor:

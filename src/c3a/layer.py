@@ -16,7 +16,7 @@ from peft.utils import resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .functional import add_block_circular_conv, block_circulant_linear, circulant_matrix
+from .functional import add_block_circular_conv, autocast_half_dtype, block_circulant_linear, circulant_matrix
 
 # Fold the delta into the weight when tokens·(d_in + d_out)·FOLD_RATIO ≥ d_in·d_out (measured crossover,
 # see docs/performance.md).
@@ -301,7 +301,19 @@ class C3ALinear(nn.Module, C3ALayer):
             base = self.base_layer
             return block_circulant_linear(x, self.to_base_layout(base.weight), base.bias, kernels)
         exact = any(self.exact_delta.get(a, False) for a in self.active_adapters)
+        if kernels and not exact:
+            x = self._cast_for_autocast(x)
         return self._add_deltas(self.base_layer(x, *args, **kwargs), x, kernels, exact)
+
+    def _cast_for_autocast(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in autocast's half dtype when autocast would cast it for the frozen GEMM anyway (a plain base
+        layer, an fp32 input): cast once, the frozen GEMM and the deltas share the copy, the deltas save it for
+        backward (as LoRA's first GEMM saves its own), and the two input gradients meet in that dtype, one
+        conversion back instead of two and an fp32 add. The frozen output is bit-identical."""
+        half = autocast_half_dtype(x.device.type)
+        if half is None or x.dtype != torch.float32 or not self._plain_base():
+            return x
+        return x.to(half)
 
     def _scaled_kernel(self, adapter: str) -> torch.Tensor:
         """``kernel / d_in`` in fp32 at least (a half-precision kernel, from ``autocast_adapter_dtype=False``, is
@@ -365,21 +377,25 @@ class C3ALinear(nn.Module, C3ALayer):
         weights (or autocast) would round the small delta away; quantized and hooked base layers
         (offloading) must run their own forward.
         """
-        base = self.base_layer
-        if self.quantization_backend is not None or type(base) not in self.plain_bases:
+        if not self._plain_base():
             return False
-        weight = base.weight
+        weight = self.base_layer.weight
         if weight.dtype not in (torch.float32, torch.float64) or x.dtype != weight.dtype:
             return False
         device = x.device.type  # autocast would run the folded GEMM in its dtype; meta has none (asking raises)
         if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
             return False
-        # A forward replaced on the instance (accelerate's and diffusers' hooks: offloading, layerwise casting)
-        # must run: the weight may be elsewhere or in a storage dtype.
-        if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook") or "forward" in vars(base):
-            return False
         tokens = x.numel() // self.in_features
         return FOLD_RATIO * tokens * (self.in_features + self.out_features) >= self.in_features * self.out_features
+
+    def _plain_base(self) -> bool:
+        """Whether the base layer's forward is its class's own GEMM: not quantized, and no forward replaced on the
+        instance or hooked (accelerate's and diffusers' hooks — offloading, layerwise casting — must run: the
+        weight may be elsewhere or in a storage dtype)."""
+        base = self.base_layer
+        if self.quantization_backend is not None or type(base) not in self.plain_bases:
+            return False
+        return not (base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook") or "forward" in vars(base))
 
     def __repr__(self) -> str:
         return "c3a." + super().__repr__()

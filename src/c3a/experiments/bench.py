@@ -490,7 +490,8 @@ def operator_grid(device: str, dtype: torch.dtype, shapes, block_sizes, token_co
     rounds interleaved. Methods: the frozen layer alone; PEFT's LoRA (rank ``lora_rank``, default the rank with
     C³A's parameter count) with fp32 adapter weights (PEFT's default) and with adapters in ``dtype``; PEFT's
     C3A layer; ours through :func:`add_block_circular_conv` — its own choice ("c3a") and each path forced
-    ("c3a_dft" in half precision, "c3a_fft", and for fp32 weights without autocast the layer's folded GEMM,
+    ("c3a_dft" and "c3a_dense" in half precision, "c3a_fft", and for fp32 weights without autocast the layer's
+    folded GEMM,
     "c3a_fold"). ``adapter_ms`` is the median over rounds of (method − frozen) in the same round."""
     half = dtype in (torch.float16, torch.bfloat16) or autocast
     rows = []
@@ -505,7 +506,7 @@ def operator_grid(device: str, dtype: torch.dtype, shapes, block_sizes, token_co
         kernel = torch.empty(d_out // b, d_in // b, b, device=device).uniform_(-bound, bound).requires_grad_()
         x = torch.randn(tokens, d_in, device=device, dtype=dtype, requires_grad=True)
         grad = torch.randn(tokens, d_out, device=device, dtype=dtype)
-        paths = (["dft"] if half and b % 2 == 0 else []) + ["fft"]
+        paths = (["dft"] if half and b % 2 == 0 else []) + (["dense"] if half else []) + ["fft"]
         few = min(tokens, 256)
         check = check_against_float64(x[:few], kernel / d_in, grad[:few], paths, autocast)
         if max(check.values()) > 0.1:
@@ -585,7 +586,8 @@ def step_table(result: dict) -> str:
 
 OPERATOR_LABELS = {
     "lora": "LoRA (fp32 adapters)", "lora_half": "LoRA (adapters in the layer's dtype)", "peft_c3a": "PEFT C3A",
-    "c3a": "C³A (auto)", "c3a_dft": "C³A DFT-GEMM", "c3a_fft": "C³A FFT", "c3a_fold": "C³A folded",
+    "c3a": "C³A (auto)", "c3a_dft": "C³A DFT-GEMM", "c3a_dense": "C³A dense", "c3a_fft": "C³A FFT",
+    "c3a_fold": "C³A folded",
 }
 
 
