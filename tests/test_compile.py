@@ -1,7 +1,7 @@
 """``torch.compile(fullgraph=True)`` (CPU inductor) on every path of the operator, training and inference.
 
 Each compiled call is checked against the float64 dense reference with the eager path's own bound (conftest's
-``half_tol`` for the DFT path; for fp32, each of the three stages — transform, mixing, inverse, or the folded
+``half_tol`` for the half-precision GEMM paths, DFT and dense; for fp32, each of the three stages — transform, mixing, inverse, or the folded
 GEMM — is a reduction of length ≤ L with relative error ≤ L·2^-24 in norm, so 4·L·2^-24 with room). Inductor may
 reorder sums and fuse casts, which changes roundings, not the bound; a wrong path gives errors of order 1.
 """
@@ -24,10 +24,13 @@ def _fp32_tol(reduction):
 PATHS = {
     "fold-fp32": (torch.float32, None, 8, "fold"),
     "fft-fp32": (torch.float32, None, 8, "fft"),
-    "fft-bf16": (torch.bfloat16, None, 7, None),  # odd b in half precision: the fp32 FFT fallback
-    "dft-bf16": (torch.bfloat16, None, 8, None),
-    "dft-fp16": (torch.float16, None, 8, None),
-    "dft-autocast-bf16": (torch.float32, torch.bfloat16, 8, None),
+    "fft-bf16": (torch.bfloat16, None, 7, "fft"),  # odd b in half precision on a wide layer: the fp32 FFT fallback
+    "dft-bf16": (torch.bfloat16, None, 8, "dft"),
+    "dft-fp16": (torch.float16, None, 8, "dft"),
+    "dft-autocast-bf16": (torch.float32, torch.bfloat16, 8, "dft"),
+    "dense-bf16": (torch.bfloat16, None, 7, "dense"),
+    "dense-fp16": (torch.float16, None, 8, "dense"),
+    "dense-autocast-bf16": (torch.float32, torch.bfloat16, 8, None),  # what the dispatch picks for a narrow layer
 }
 
 
@@ -56,10 +59,10 @@ def test_compiled_fullgraph_matches_dense_reference(name, training):
     half = autocast or (dtype if dtype != torch.float32 else None)
     # the path sees x rounded to the half format under autocast; the reference uses the same rounded input
     ref, ref_gx, (ref_gk,) = dense_reference(torch.zeros(2, 5, M * b), x.to(half or dtype), [kernel], grad)
-    on_dft = half is not None and b % 2 == 0
+    on_gemm = half is not None and how != "fft"  # the DFT or the dense path: half-precision operands
 
     def tol(what, reduction):
-        return half_tol(half, what, reduction) if on_dft else _fp32_tol(reduction) + (
+        return half_tol(half, what, reduction) if on_gemm else _fp32_tol(reduction) + (
             2 * 2.0**-8 if half else 0  # the fallback rounds its fp32 delta (and gradients) to bf16 once
         )
 
