@@ -152,7 +152,7 @@ def test_bench_compile_refuses_too_few_warmup_steps(tmp_path, tiny_roberta_dir):
     assert not (tmp_path / "bench").exists()  # refused before any worker started
 
 
-def test_bench_serve_mixed_batches_over_adapter_counts(tmp_path):
+def test_bench_serve_mixed_batches_over_adapter_counts(tmp_path, capfd):
     from transformers import LlamaConfig
 
     LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -172,6 +172,7 @@ def test_bench_serve_mixed_batches_over_adapter_counts(tmp_path):
         assert r["forward_ms"] > 0 and r["generate_tokens_per_s"] > 0
     assert by["lora", 4]["forward_ratio_to_lora"] == 1.0
     assert (out / "serve.png").stat().st_size > 0 and "| c3a (b=16) | 4 | 4 |" in (out / "table.md").read_text()
+    assert "Warning" not in capfd.readouterr().err  # the spawned workers quiet what the command quiets
 
 
 def test_bench_serve_refuses_methods_that_cannot_route_rows(tmp_path, tiny_roberta_dir):

@@ -22,7 +22,7 @@ def test_help_prints_no_third_party_notice():
 def test_peft_s_deprecated_property_read_is_quiet():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cli._quiet_third_parties()
+        cli.quiet_third_parties()
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
         warnings.warn("something else is deprecated", FutureWarning)
     assert [str(w.message) for w in caught] == ["something else is deprecated"]

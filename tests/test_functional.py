@@ -2,7 +2,13 @@ import pytest
 import torch
 from torch.autograd.gradcheck import GradcheckError
 
-from c3a.functional import add_block_circular_conv, block_circulant_linear, block_circular_conv, circulant_matrix
+from c3a.functional import (
+    add_block_circular_conv,
+    add_block_circular_conv_rows,
+    block_circulant_linear,
+    block_circular_conv,
+    circulant_matrix,
+)
 from conftest import saved_activations
 
 SHAPES = [(1, 1, 1), (1, 1, 7), (2, 3, 5), (3, 2, 4), (4, 4, 8), (1, 3, 6), (2, 1, 9), (3, 5, 1), (2, 2, 16)]
@@ -148,3 +154,29 @@ def test_meta_inputs():
     with pytest.raises(ValueError, match="input is on meta and the kernel on cpu"):
         block_circular_conv(torch.empty(5, 12, device="meta"), kernel)
     assert block_circular_conv(torch.empty(5, 12, device="meta"), kernel.to("meta")).device.type == "meta"
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5), (1, 1, 1), (3, 2, 4)])
+def test_rows_through_their_own_kernels_in_float64(shape):
+    """Many adapters in one call: row r through kernels[index[r]], none for a negative index; float64 exact."""
+    m, n, b = shape
+    torch.manual_seed(0)
+    kernels = torch.randn(3, m, n, b, dtype=torch.float64)
+    x = torch.randn(5, 2, n * b, dtype=torch.float64)
+    result = torch.randn(5, 2, m * b, dtype=torch.float64)
+    index = torch.tensor([2, -1, 0, 1, 2])
+    out = add_block_circular_conv_rows(result, x, kernels, index)
+    for r, i in enumerate(index.tolist()):
+        expected = result[r] + (x[r] @ _naive_circulant(kernels[i]).T if i >= 0 else 0)
+        torch.testing.assert_close(out[r], expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(out[1], result[1])
+
+
+def test_rows_call_rejects_bad_shapes():
+    x, result = torch.randn(4, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"kernels must have shape \(N, m, n, b\)"):
+        add_block_circular_conv_rows(result, x, torch.randn(2, 2, 4), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="one entry per row of x"):
+        add_block_circular_conv_rows(result, x, torch.randn(3, 2, 2, 4), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="n·b"):
+        add_block_circular_conv_rows(result, x, torch.randn(3, 2, 3, 4), torch.zeros(4, dtype=torch.long))

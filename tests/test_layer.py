@@ -178,6 +178,35 @@ def test_autocast_casts_the_input_once_for_the_base_and_the_delta(d_out, b):
     assert rel_err(x.grad, x16.grad) <= half_tol(torch.bfloat16, "grad_x", d_out) + u
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sizes", [(8, 8, 8), (8, 4, 8)], ids=["one-b", "two-b"])
+def test_mixed_batch_inference_in_one_call_equals_each_row_dense(dtype, sizes):
+    """Serving: without a graph, a mixed batch's deltas run in one call over all rows when every adapter present
+    has the same block size (else per adapter); each row equals its own adapter's dense layer, base rows are the
+    base layer's exactly, and a layer that needs a graph still gets the per-adapter path (same outputs)."""
+    torch.manual_seed(0)
+    layer = _layer(nn.Linear(48, 24).to(dtype), *zip(("a", "b", "c"), sizes))
+    x = torch.randn(6, 3, 48).to(dtype)
+    names = ["c", "__base__", "a", "b", "a", "c"]
+    calls = []
+    real = C3ALinear._serves_in_one_call
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(C3ALinear, "_serves_in_one_call", lambda self, *a: calls.append(real(self, *a)) or calls[-1])
+        with torch.no_grad():
+            served = layer(x, adapter_names=names)
+        trained = layer(x, adapter_names=names)  # kernels require grad: the per-adapter path
+    assert calls == [len(set(sizes)) == 1, False]
+    u = torch.finfo(dtype).eps / 2
+    for row, name in enumerate(names):
+        weight = _dense_weight(layer, [] if name == "__base__" else [name]).double()
+        expected = x[row].double() @ weight.T + layer.base_layer.bias.double()
+        # fp32: FFT arithmetic (≤ a few hundred fp32 ulps here); bf16: the output's own rounding on top
+        tol = 2 * u * expected.abs().max().item() + 1e-5 * expected.abs().max().item()
+        assert (served[row].double() - expected).abs().max() <= tol, name
+    assert torch.equal(served[1], layer.base_layer(x[1]))  # a base row: nothing added
+    torch.testing.assert_close(served, trained.detach(), rtol=4 * u, atol=4 * u * served.abs().max().item())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the DFT path, in place on row copies
 def test_mixed_batch_rows_equal_each_adapter_alone(dtype):
     torch.manual_seed(0)

@@ -37,7 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _quiet_third_parties() -> None:
+def quiet_third_parties() -> None:
     """Silence a notice that tells a c3a user nothing they can act on: transformers' deprecation of the
     ``is_gradient_checkpointing`` property, which PEFT reads whenever it wraps a model (bitsandbytes' import notice
     is quieted by ``c3a`` itself, which imports PEFT before any command runs)."""
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None, *, one_line_errors: bool | None = None) 
     if one_line_errors is None:
         one_line_errors = argv is None
     argv = sys.argv[1:] if argv is None else argv
-    _quiet_third_parties()
+    quiet_third_parties()
     parser = _Parser(prog="c3a", description="C³A: circular convolution adaptation", formatter_class=_Help)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -42,6 +42,7 @@ __all__ = [
     "DFT_MAX_BLOCK",
     "DFT_SLOWDOWN",
     "add_block_circular_conv",
+    "add_block_circular_conv_rows",
     "autocast_half_dtype",
     "block_circular_conv",
     "block_circulant_linear",
@@ -613,6 +614,39 @@ def add_block_circular_conv(
             result = result + _BlockCircularConv.apply(x, kernel, result.dtype)
         inplace = True  # a fresh tensor from here on: ours to accumulate into
     return result.to(out_dtype)
+
+
+def add_block_circular_conv_rows(
+    result: torch.Tensor, x: torch.Tensor, kernels: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
+    """``result`` plus each batch row ``r`` of ``x`` through ``kernels[index[r]]`` (no delta where ``index[r] < 0``):
+    the deltas of many adapters in one call, as a mixed-adapter batch needs when serving. Inference only (no
+    autograd graph): training keeps the per-adapter calls and their exact backward.
+
+    Args:
+        result: ``(R, ..., m·b)``, the frozen layer's output.
+        x: ``(R, ..., n·b)``.
+        kernels: ``(N, m, n, b)``, one (scaled) kernel per adapter.
+        index: ``(R,)`` integer, the kernel of each row, negative for none.
+
+    The FFT path in fp32 (fp64 for fp64 inputs): one ``rfft`` of the rows and one of the kernels, one batched
+    complex product per (row, frequency), one ``irfft``; the delta is rounded once to ``result``'s dtype. Exact to
+    the compute precision, as :func:`block_circular_conv` (whose arithmetic it repeats per row).
+    """
+    if kernels.dim() != 4:
+        raise ValueError(f"kernels must have shape (N, m, n, b), got {tuple(kernels.shape)}")
+    _check(x, kernels[0])
+    if index.shape != (x.shape[0],):
+        raise ValueError(f"index must have one entry per row of x ({x.shape[0]}), got shape {tuple(index.shape)}")
+    _, m, n, b = kernels.shape
+    dtype = _compute_dtype(torch.promote_types(x.dtype, kernels.dtype))
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        k_spec = (rfft(kernels.to(dtype), dim=-1) / b).conj()  # (N, m, n, F), 1/b as in block_circular_conv
+        chosen = k_spec[index.clamp(min=0)] * (index >= 0).view(-1, 1, 1, 1)  # (R, m, n, F)
+        x_spec = rfft(x.reshape(x.shape[0], -1, n, b).to(dtype), dim=-1)  # (R, T, n, F)
+        y_spec = torch.einsum("rtnf,rmnf->rtmf", x_spec, chosen)
+        delta = irfft(y_spec, n=b, dim=-1, norm="forward").reshape(result.shape)
+        return result + delta.to(result.dtype)
 
 
 def circulant_matrix(kernel: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,13 @@ from peft.utils import resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .functional import add_block_circular_conv, autocast_half_dtype, block_circulant_linear, circulant_matrix
+from .functional import (
+    add_block_circular_conv,
+    add_block_circular_conv_rows,
+    autocast_half_dtype,
+    block_circulant_linear,
+    circulant_matrix,
+)
 
 # Fold the delta into the weight when tokens·(d_in + d_out)·FOLD_RATIO ≥ d_in·d_out (measured crossover,
 # see docs/performance.md).
@@ -357,6 +363,13 @@ class C3ALinear(nn.Module, C3ALayer):
         groups: dict[str, list[int]] = {}  # rows per adapter, in one pass (not one pass per adapter)
         for i, adapter in enumerate(adapter_names):
             groups.setdefault(adapter, []).append(i)
+        present = [a for a in groups if a != BASE_ADAPTER and a in self.c3a_kernel]
+        if self._serves_in_one_call(present, x):
+            index = torch.full((x.shape[0],), -1, dtype=torch.long)
+            for position, adapter in enumerate(present):
+                index[groups[adapter]] = position
+            kernels = torch.stack([self._scaled_kernel(a) for a in present])
+            return add_block_circular_conv_rows(result, x, kernels, index.to(x.device))
         parts = []
         for adapter, indices in groups.items():
             if adapter == BASE_ADAPTER or adapter not in self.c3a_kernel:
@@ -369,6 +382,19 @@ class C3ALinear(nn.Module, C3ALayer):
             for rows, out in parts:
                 result[rows] = out
         return result
+
+    def _serves_in_one_call(self, adapters: Sequence[str], x: torch.Tensor) -> bool:
+        """Whether a mixed batch's deltas run as one call over all its rows: inference (no graph to keep), two
+        adapters or more, one block size, none asking for ``exact_delta``, and a plain (unquantized) base output."""
+        needs_graph = torch.is_grad_enabled() and (
+            x.requires_grad or any(self.c3a_kernel[a].requires_grad for a in adapters)
+        )
+        return (
+            len(adapters) > 1 and not needs_graph
+            and len({self.c3a_kernel[a].shape for a in adapters}) == 1
+            and not any(self.exact_delta.get(a, False) for a in adapters)
+            and self.quantization_backend is None
+        )
 
     def _fold_into_weight(self, x: torch.Tensor) -> bool:
         """Fold the delta into the base GEMM when that is cheaper than the FFTs, and exact enough.

@@ -149,7 +149,7 @@ def _spawned(target, argument_tuples):
     try:
         for args in argument_tuples:
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=target, args=(child, *args), daemon=True)
+            proc = ctx.Process(target=_quietly, args=(target, child, *args), daemon=True)
             proc.start()
             workers.append((parent, proc))
         yield workers
@@ -157,6 +157,14 @@ def _spawned(target, argument_tuples):
         for _, proc in workers:
             if proc.is_alive():
                 proc.kill()
+
+
+def _quietly(target, *args) -> None:
+    """A spawned worker starts with default warning filters: quiet what the command quiets in its own process."""
+    from c3a.cli import quiet_third_parties
+
+    quiet_third_parties()
+    target(*args)
 
 
 def _ask(conn, where: str, request: Optional[str] = None):
