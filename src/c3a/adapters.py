@@ -13,10 +13,16 @@ from torch import nn
 
 from .config import C3AConfig
 from .hub import check_hub, looks_like_path
-from .io import CHECKPOINT_KEY, IncompleteCheckpointError, check_kernel_dtypes, read_weights, verify_checkpoint
+from .io import (
+    CHECKPOINT_KEY,
+    KERNEL_SUFFIX,
+    IncompleteCheckpointError,
+    check_kernel_dtypes,
+    read_weights,
+    verify_checkpoint,
+)
 
 PREFIX = "base_model.model."  # PEFT's key prefix in adapter files
-KERNEL_SUFFIX = ".c3a_kernel"
 
 
 def peft_type(config: Mapping[str, Any]) -> str:

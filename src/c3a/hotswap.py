@@ -31,7 +31,7 @@ def hotswap_adapter(
     says what differs, and nothing is changed. Kernels keep their device and dtype; ``torch_device`` is accepted
     for PEFT's signature.
     """
-    from .adapters import PREFIX, adapter_kernels, load_adapter  # the reading side: not loaded by ``import c3a``
+    from .adapters import KERNEL_SUFFIX, PREFIX, adapter_kernels, load_adapter  # the reading side: not loaded by ``import c3a``
 
     subfolder = kwargs.pop("subfolder", None)
     if kwargs:
@@ -57,7 +57,7 @@ def hotswap_adapter(
                 for key, default in _SAME_SETTINGS.items()
                 if _setting(config.get(key, default)) != _setting(current.get(key, default))]
     kernels = adapter_kernels(state)  # NaN/inf kernels are refused, naming the layers
-    others = sorted(k for k in state if k.removeprefix(PREFIX).removesuffix(".c3a_kernel") not in kernels)
+    others = sorted(k for k in state if k.removeprefix(PREFIX).removesuffix(KERNEL_SUFFIX) not in kernels)
     if others:
         problems.append(f"it holds other weights than kernels ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})")
     for name in sorted(set(layers) | set(kernels)):

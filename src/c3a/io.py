@@ -207,11 +207,14 @@ def weight_dtypes(path: str) -> dict[str, torch.dtype]:
         return {k: v.dtype for k, v in torch.load(path, map_location="meta", weights_only=True).items()}
 
 
+KERNEL_SUFFIX = ".c3a_kernel"  # a C³A kernel's key in a state dict ends so (PEFT's name for the parameter)
+
+
 def check_kernel_dtypes(dtypes: Mapping[str, torch.dtype], where: str, outcome: str = "nothing was loaded") -> None:
     """Refuse C³A kernels that are not real floating point, naming each tensor and its dtype: read as they are, an
     integer or boolean kernel would be another adapter and a complex one would lose its imaginary part."""
     bad = [f"{key} is {str(dtype).removeprefix('torch.')}" for key, dtype in dtypes.items()
-           if ".c3a_kernel" in key and not dtype.is_floating_point]
+           if KERNEL_SUFFIX in key and not dtype.is_floating_point]
     if bad:
         raise ValueError(
             f"{where}: C3A kernels must be real floating point (float16, bfloat16, float32, float64), but "

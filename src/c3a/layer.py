@@ -371,10 +371,8 @@ class C3ALinear(nn.Module, C3ALayer):
             kernels = torch.stack([self._scaled_kernel(a) for a in present])
             return add_block_circular_conv_rows(result, x, kernels, index.to(x.device))
         parts = []
-        for adapter, indices in groups.items():
-            if adapter == BASE_ADAPTER or adapter not in self.c3a_kernel:
-                continue
-            rows = torch.tensor(indices, device=x.device)
+        for adapter in present:
+            rows = torch.tensor(groups[adapter], device=x.device)
             kernel = self._scaled_kernel(adapter)
             parts.append((rows, self._add_deltas(result[rows], x[rows], [kernel], self.exact_delta.get(adapter, False))))
         if parts:

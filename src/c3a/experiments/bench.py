@@ -499,8 +499,7 @@ def operator_grid(device: str, dtype: torch.dtype, shapes, block_sizes, token_co
     C³A's parameter count) with fp32 adapter weights (PEFT's default) and with adapters in ``dtype``; PEFT's
     C3A layer; ours through :func:`add_block_circular_conv` — its own choice ("c3a") and each path forced
     ("c3a_dft" and "c3a_dense" in half precision, "c3a_fft", and for fp32 weights without autocast the layer's
-    folded GEMM,
-    "c3a_fold"). ``adapter_ms`` is the median over rounds of (method − frozen) in the same round."""
+    folded GEMM, "c3a_fold"). ``adapter_ms`` is the median over rounds of (method − frozen) in the same round."""
     half = dtype in (torch.float16, torch.bfloat16) or autocast
     rows = []
     bandwidth = copy_bandwidth(device, dtype)
