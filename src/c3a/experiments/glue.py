@@ -19,7 +19,7 @@ from c3a.experiments.glue_tasks import METRICS, Task, accuracy, matthews_corrcoe
 # -- c3a glue -------------------------------------------------------------------------------------------
 def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `c3a glue` that `c3a glue-suite` passes on to every cell."""
-    from c3a.experiments.options import add_method_arguments, add_training_arguments
+    from c3a.experiments.options import add_method_arguments, add_save_adapter_argument, add_training_arguments
     from c3a.paper_models import MODEL_SHORTCUTS
 
     parser.add_argument(
@@ -36,8 +36,7 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--max-train-samples", type=positive_int, help="train on at most this many rows (after carving validation)")
     data.add_argument("--max-test-samples", type=positive_int, help="test on a fixed random subset of this many rows (same for every run)")
     data.add_argument("--validation-size", type=positive_int, help="rows carved from train for validation (default: 10%%, at most 1000)")
-    parser.add_argument("--save-adapter", action="store_true",
-                        help="save the trained adapter (best epoch) to <out>/adapter with save_pretrained (PEFT methods)")
+    add_save_adapter_argument(parser)
 
 
 def add_glue_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +63,7 @@ def run_glue(args: argparse.Namespace) -> int:
 
     from c3a.experiments.train import (
         end_distributed, evaluate, fit, head_modules, method_options, name_as_given, results_record,
-        train_config, write_results,
+        save_adapter, train_config, write_results,
     )
     from c3a.hub import check_hub, check_model_source, loading
     from c3a.io import check_outputs_apart, check_writable
@@ -111,8 +110,8 @@ def run_glue(args: argparse.Namespace) -> int:
         test=test, samples={name: len(split) for name, split in data.items()},
         config=dict(lr=config.lr, head_lr=config.head_lr, weight_decay=config.weight_decay, head=head, out=out),
     )
-    if args.save_adapter and hasattr(model, "peft_config"):  # before results.json: a finished cell has both
-        model.save_pretrained(os.path.join(out, "adapter"))
+    if args.save_adapter:  # before results.json: a finished cell has both
+        save_adapter(model, out)
     write_results(os.path.join(out, "results.json"), results)
     metric = task.metrics[0]
     print(

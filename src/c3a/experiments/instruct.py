@@ -331,7 +331,7 @@ PROMPT_STYLES = ("auto", "chat", "plain")
 
 def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `c3a sft` that `c3a sft-suite` passes on to every cell."""
-    from c3a.experiments.options import add_method_arguments, add_training_arguments
+    from c3a.experiments.options import add_method_arguments, add_save_adapter_argument, add_training_arguments
     from c3a.paper_models import MODEL_SHORTCUTS
 
     parser.add_argument("--model", required=True,
@@ -349,6 +349,7 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--eval-samples", type=positive_int, help="score at most this many test rows; the hold-out size when there is no test split (default: all; hold-out 10%%, at most 500)")
     data.add_argument("--generation-batch-size", type=positive_int, default=32, help="prompts per batch of greedy decoding (default 32; the validation loss uses --batch-size, so that peak memory is training's)")
     data.add_argument("--max-new-tokens", type=positive_int, help="generation length limit per answer (default: the format's, above its longest reference)")
+    add_save_adapter_argument(parser)
 
 
 def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
@@ -391,7 +392,7 @@ def run_sft(args: argparse.Namespace) -> int:
 
     from c3a.experiments.methods import build_method, trainable_parameters
     from c3a.experiments.train import (
-        end_distributed, fit, method_options, name_as_given, results_record, train_config, write_results,
+        end_distributed, fit, method_options, name_as_given, results_record, save_adapter, train_config, write_results,
     )
     from c3a.hub import check_data_source, check_model_source, loading
     from c3a.io import check_outputs_apart, check_writable
@@ -468,6 +469,8 @@ def run_sft(args: argparse.Namespace) -> int:
             prompt="chat" if chat else "plain", max_new_tokens=max_new_tokens, data=data, data_config=data_config,
             eval_data=args.eval_data, eval_seconds=eval_seconds,
         )
+        if args.save_adapter:  # before results.json: a finished run has both
+            save_adapter(model, out)
         write_results(os.path.join(out, "results.json"), results)
         print(
             f"{args.format} {args.method} seed {args.seed}: validation loss {result.best['loss']:.4f}, "

@@ -29,6 +29,12 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
                        help="C³A kernel init (default xavier_uniform, PEFT's); zeros: ΔW starts at 0, as LoRA's does")
 
 
+def add_save_adapter_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--save-adapter", action="store_true",
+                        help="save the trained adapter (best epoch) to <out>/adapter with PEFT's save_pretrained, "
+                        "adapter weights and config only (PEFT methods; the others save nothing)")
+
+
 def add_training_arguments(
     parser: argparse.ArgumentParser, *, epochs: float, batch_size: int, head: bool = True, seed: bool = True
 ) -> None:

@@ -212,6 +212,8 @@ def _recorded_differences(cell: SuiteCell, requested: argparse.Namespace, settin
         if key in ("out", "command"):
             continue
         value = json.loads(json.dumps(value, default=str))
+        if key not in recorded and (value is None or value is False):
+            continue  # an option newer than the cell, left off: options are added off, so the cell ran that way
         if recorded.get(key) != value:
             differences.append(f"{key}: {recorded.get(key)!r} → {value!r}")
     return differences

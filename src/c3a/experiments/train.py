@@ -268,6 +268,14 @@ def results_record(args, result: FitResult, *, task: str, main_metric: str, trai
     }
 
 
+def save_adapter(model, out: str) -> None:
+    """``<out>/adapter``: PEFT's adapter-only checkpoint of a PEFT method's model (nothing for the other methods).
+    Embedding layers are never saved: no method here resizes the vocabulary, and PEFT's "auto" check for that
+    looks the base model up on the hub (a warning, or a wait, offline)."""
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(os.path.join(out, "adapter"), save_embedding_layers=False)
+
+
 def write_results(path: str, results: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(results, indent=2, default=str) + "\n")
 
