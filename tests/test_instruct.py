@@ -234,6 +234,8 @@ def test_sft_learns_the_answer_format(tiny_llama, tmp_path):
     assert results["samples"] == {"train": 40, "validation": 2, "test": 6}
     losses = [row["train_loss"] for row in results["history"] if "train_loss" in row]
     assert len(losses) == 30 and losses[-1] < losses[0]  # a loss every step (30 steps), falling
+    steps = results["step_seconds"]  # one wall time per optimizer step, within the training's
+    assert len(steps) == 30 and all(s > 0 for s in steps) and sum(steps) < results["train_seconds"]
     validation = [row["validation"]["loss"] for row in results["history"] if "validation" in row]
     assert len(validation) == 6 and results["validation"]["loss"] == min(validation)
 
@@ -505,6 +507,7 @@ def test_sft_grad_accum_takes_fewer_optimizer_steps(tiny_llama, tmp_path, fit_tr
     assert seen[0].gradient_accumulation_steps == 5
     losses = [row["train_loss"] for row in results["history"] if "train_loss" in row]
     assert len(losses) == 40 // (8 * 5)  # one logged loss per optimizer step: 40 rows, batches of 8, 5 per step
+    assert len(results["step_seconds"]) == len(losses)  # a step's clock spans its accumulated batches
 
 
 def test_sft_always_groups_by_length(tiny_llama, tmp_path, fit_trainer_args):

@@ -66,6 +66,7 @@ class FitResult:
     best: dict[str, float]  # validation metrics (and "epoch") of the best epoch, whose weights the model now holds
     history: list[dict]  # per epoch: {"epoch", "train_loss", "validation": metrics}
     train_seconds: float
+    step_seconds: list[float]  # wall time of each optimizer step (StepClock)
     peak_memory_bytes: int
     memory_kind: str  # "cuda_max_allocated" or "cpu_peak_rss"
 
@@ -127,6 +128,24 @@ class KeepBest(TrainerCallback):
                 if name in self.snapshot:
                     p.copy_(self.snapshot[name])
         self.snapshot = {}
+
+
+class StepClock(TrainerCallback):
+    """Wall seconds of each optimizer step: forward, backward and update, without data loading, logging or
+    validation. Their median is a speed figure that a validation pass, a slow first step or a pause of the
+    process does not move, as they move the total."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+        self._start: Optional[float] = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._start is not None:
+            self.seconds.append(time.perf_counter() - self._start)
+            self._start = None
 
 
 _SPEED_KEYS = ("runtime", "samples_per_second", "steps_per_second")
@@ -193,7 +212,7 @@ def fit(
         # Trainer refuses bf16 (CPU autocast needs it)
         defaults["use_cpu"] = True
     args = TrainingArguments(**{**defaults, **config.training_args})  # training_args may override defaults
-    keep_best = KeepBest(metric, greater_is_better)
+    keep_best, clock = KeepBest(metric, greater_is_better), StepClock()
     trainer = _Trainer(
         model=model,
         args=args,
@@ -201,7 +220,7 @@ def fit(
         eval_dataset=eval_dataset,
         data_collator=data_collator,
         compute_metrics=compute_metrics,
-        callbacks=[keep_best, *callbacks],
+        callbacks=[keep_best, clock, *callbacks],
         head=head,
         head_lr=config.head_lr,
     )
@@ -234,6 +253,7 @@ def fit(
         best=_strip(keep_best.best, "eval_"),
         history=[row for row in history.values() if len(row) > 1],
         train_seconds=seconds,
+        step_seconds=clock.seconds,
         peak_memory_bytes=memory.bytes,
         memory_kind=memory.kind,
     )
@@ -263,7 +283,8 @@ def results_record(args, result: FitResult, *, task: str, main_metric: str, trai
         "task": task, "method": args.method, "model": args.model, "seed": args.seed, "main_metric": main_metric,
         "trainable_params": trainable_params, "validation": result.best, "test": test,
         "peak_memory_bytes": result.peak_memory_bytes, "memory_kind": result.memory_kind,
-        "train_seconds": result.train_seconds, "samples": samples, "history": result.history, **extra,
+        "train_seconds": result.train_seconds, "step_seconds": [round(s, 4) for s in result.step_seconds],
+        "samples": samples, "history": result.history, **extra,
         "config": {**{k: v for k, v in vars(args).items() if k != "command"}, **config},
     }
 
