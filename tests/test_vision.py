@@ -8,6 +8,7 @@ import pytest
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from PIL import Image as PILImage
+from safetensors.torch import load_file
 
 from c3a.cli import main
 from c3a.experiments.vision import find_columns, load_images, make_splits, with_pixels
@@ -109,7 +110,7 @@ def _vit(root, out, *extra):
 
 
 def test_vit_c3a_end_to_end(tiny_vit, tmp_path):
-    results = _vit(tiny_vit, tmp_path, "--method", "c3a", "--block-size", "8", "--epochs", "3")
+    results = _vit(tiny_vit, tmp_path, "--method", "c3a", "--block-size", "8", "--epochs", "3", "--save-adapter")
     # no test/ folder: validation/ is the test set (12 images), validation carved from train (10% of 36)
     assert results["samples"] == {"train": 33, "validation": 3, "test": 12}
     assert results["classes"] == sorted(COLORS)
@@ -120,6 +121,8 @@ def test_vit_c3a_end_to_end(tiny_vit, tmp_path):
     for key in ("peak_memory_bytes", "memory_kind", "train_seconds", "config"):
         assert key in results
     assert results["config"]["head"] == ["classifier"]
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")  # the kernels and the trained head
+    assert sum("c3a_kernel" in k for k in saved) == 4 and any("classifier" in k for k in saved)
 
 
 def test_vit_head_only_max_steps(tiny_vit, tmp_path):

@@ -98,7 +98,7 @@ def default_workers() -> int:
 
 
 def add_vit_arguments(parser: argparse.ArgumentParser) -> None:
-    from c3a.experiments.options import add_method_arguments, add_training_arguments
+    from c3a.experiments.options import add_method_arguments, add_save_adapter_argument, add_training_arguments
 
     parser.add_argument("--model", required=True, help="hub id or local folder of an image classifier, e.g. google/vit-base-patch16-224-in21k")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -116,6 +116,7 @@ def add_vit_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--max-train-samples", type=positive_int, help="train on at most this many rows")
     data.add_argument("--num-workers", type=nonnegative_int, default=default_workers(),
                       help="data-loader processes decoding images: min(4, CPU cores − 1), one core left for training")
+    add_save_adapter_argument(parser)
 
 
 def run_vit(args: argparse.Namespace) -> int:
@@ -124,7 +125,7 @@ def run_vit(args: argparse.Namespace) -> int:
     from c3a.experiments.methods import build_method, trainable_parameters
     from c3a.experiments.train import (
         end_distributed, evaluate, fit, head_modules, method_options, name_as_given, results_record,
-        train_config, write_results,
+        save_adapter, train_config, write_results,
     )
     from c3a.hub import check_data_source, check_model_source, loading
     from c3a.io import check_outputs_apart, check_writable
@@ -173,6 +174,8 @@ def run_vit(args: argparse.Namespace) -> int:
             test=test, samples={split: len(dataset) for split, dataset in splits.items()}, classes=labels,
             config=dict(lr=config.lr, head_lr=config.head_lr, weight_decay=config.weight_decay, head=head, out=out),
         )
+        if args.save_adapter:  # before results.json: a finished run has both
+            save_adapter(model, out)
         write_results(os.path.join(out, "results.json"), results)
         print(
             f"{name} {args.method} seed {args.seed}: validation accuracy {result.best['accuracy']:.4f} "
