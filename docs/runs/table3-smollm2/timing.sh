@@ -8,7 +8,7 @@
 set -euo pipefail
 D=../shared/data
 OUT=${OUT:-docs/runs/table3-smollm2/timing}
-STEPS=${STEPS:-30}
+STEPS=${STEPS:-25}
 ROUNDS=${ROUNDS:-3}
 declare -A DATA=(
   [sql]="--data $D/sql/train.jsonl --eval-data $D/sql/validation.jsonl"
