@@ -106,3 +106,23 @@ def test_init_choices_match_the_config():
     from c3a.experiments.options import INIT_WEIGHTS
 
     assert INIT_WEIGHTS == (*INIT_CHOICES, "zeros")
+
+
+@pytest.mark.parametrize("name, setting", [("glue", "classification"), ("sft", "causal-lm")])
+def test_method_option_help_states_the_registry_defaults_of_the_command(name, setting):
+    """`c3a sft` trains with the registry's causal-LM defaults (LoRA r=32, dropout 0.05, C³A kernels from zero):
+    its help says those, not the classification ones."""
+    from c3a.experiments.methods import METHODS, MethodOptions
+
+    base = MethodOptions()
+    lora, c3a = (dict(METHODS[m].defaults(setting).options) for m in ("lora", "c3a"))
+    blocks = _help_blocks(name)
+    assert f"(default {lora.get('dropout', base.dropout):g})" in blocks["--dropout"]
+    assert f"(default {c3a.get('init_weights', base.init_weights)};" in blocks["--init-weights"]
+    rank = blocks["--rank"]
+    if setting == "causal-lm":
+        assert f"LoRA {lora['rank']}" in rank and f"C³A {c3a['rank']}" in rank, rank
+    else:
+        assert rank.endswith(f"(default {base.rank})"), rank
+    alpha = f"{lora['alpha']:g}" if "alpha" in lora else "2·rank"
+    assert blocks["--alpha"] == f"LoRA alpha (default {alpha})"

@@ -339,7 +339,7 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-style", choices=PROMPT_STYLES, default="auto",
                         help="chat: each prompt as a user turn of the tokenizer's chat template; plain: the prompt "
                         "text alone; auto (default): chat when the tokenizer has a template")
-    add_method_arguments(parser)
+    add_method_arguments(parser, SETTING)
     add_training_arguments(parser, epochs=1, batch_size=8, head=False, seed=False)
     data = parser.add_argument_group("data and evaluation")
     data.add_argument("--max-length", type=positive_int, default=1024, help="tokens per training example (prompt + answer), longer ones are cut (default 1024)")

@@ -15,18 +15,29 @@ from c3a.argtypes import block_size, fraction, nonnegative_float, nonnegative_in
 INIT_WEIGHTS = ("xavier_uniform", "kaiming_uniform", "gaussian", "zeros")
 
 
-def add_method_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of the registry's methods; each left out keeps the method's default (``method_options``)."""
+def add_method_arguments(parser: argparse.ArgumentParser, setting: str = "classification") -> None:
+    """Options of the registry's methods; each left out keeps the method's default (``method_options``), which the
+    help states as the registry has it for ``setting`` (:meth:`~c3a.experiments.methods.Method.defaults`)."""
+    from c3a.experiments.methods import METHODS, MethodOptions  # no torch: the registry imports none
+
+    base = MethodOptions()
+    c3a, lora, vera = (dict(METHODS[name].defaults(setting).options) for name in ("c3a", "lora", "vera"))
+    rank = {name: given.get("rank", base.rank) for name, given in (("LoRA", lora), ("VeRA", vera), ("C³A", c3a))}
+    ranks = f"{base.rank}" if set(rank.values()) == {base.rank} else ", ".join(f"{k} {v}" for k, v in rank.items())
+    alpha = f"{lora['alpha']:g}" if "alpha" in lora else "2·rank"
+    init = c3a.get("init_weights", base.init_weights)
     group = parser.add_argument_group("method options (default: the registry's)")
     group.add_argument("--block-size", type=block_size,
                        help="C³A block size, an integer or 'auto' (the default: per layer, the smallest block size "
                        "within LoRA rank --rank's parameters)")
-    group.add_argument("--rank", type=positive_int, help="LoRA / VeRA rank (default 8)")
-    group.add_argument("--alpha", type=positive_float, help="LoRA alpha (default 2·rank)")
-    group.add_argument("--dropout", type=fraction, help="LoRA dropout (default 0)")
+    group.add_argument("--rank", type=positive_int,
+                       help=f"LoRA / VeRA rank, and C³A's parameter budget for block size 'auto' (default {ranks})")
+    group.add_argument("--alpha", type=positive_float, help=f"LoRA alpha (default {alpha})")
+    group.add_argument("--dropout", type=fraction, help=f"LoRA dropout (default {lora.get('dropout', base.dropout):g})")
     group.add_argument("--targets", nargs="+", help="modules to adapt (default: PEFT's default for the model type)")
     group.add_argument("--init-weights", choices=INIT_WEIGHTS,
-                       help="C³A kernel init (default xavier_uniform, PEFT's); zeros: ΔW starts at 0, as LoRA's does")
+                       help=f"C³A kernel init (default {init}; xavier_uniform is PEFT's; zeros: ΔW starts at 0, as "
+                       "LoRA's does)")
 
 
 def add_save_adapter_argument(parser: argparse.ArgumentParser) -> None:
