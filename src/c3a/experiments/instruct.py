@@ -362,8 +362,8 @@ def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="initialisation and data order")
     parser.add_argument("--out", help="output folder (default: c3a-sft/<format>/<method>/seed<seed>)")
     add_shared_arguments(parser)
-    parser.epilog = ("Defaults follow the registry's causal-LM setting: LoRA r=32, α=64, dropout 0.05; C³A block sizes "
-                     "'auto' within LoRA r=16's parameters (at most half of LoRA r=32's), kernels starting at zero. "
+    lrs = ", ".join(f"{name} {METHODS[name].defaults(SETTING).lr:g}" for name in ("c3a", "lora"))
+    parser.epilog = (f"Defaults are the registry's causal-LM setting (the method options above; learning rates {lrs}). "
                      "--bf16 also loads the model's weights in bfloat16 (C³A kernels and PEFT's LoRA weights stay fp32).")
 
 
