@@ -20,12 +20,12 @@ def add_method_arguments(parser: argparse.ArgumentParser, setting: str = "classi
     help states as the registry has it for ``setting`` (:meth:`~c3a.experiments.methods.Method.defaults`)."""
     from c3a.experiments.methods import METHODS, MethodOptions  # no torch: the registry imports none
 
-    base = MethodOptions()
-    c3a, lora, vera = (dict(METHODS[name].defaults(setting).options) for name in ("c3a", "lora", "vera"))
-    rank = {name: given.get("rank", base.rank) for name, given in (("LoRA", lora), ("VeRA", vera), ("C³A", c3a))}
-    ranks = f"{base.rank}" if set(rank.values()) == {base.rank} else ", ".join(f"{k} {v}" for k, v in rank.items())
-    alpha = f"{lora['alpha']:g}" if "alpha" in lora else "2·rank"
-    init = c3a.get("init_weights", base.init_weights)
+    # what method_options resolves to when no option is given
+    c3a, lora, vera = (MethodOptions(**dict(METHODS[name].defaults(setting).options))
+                       for name in ("c3a", "lora", "vera"))
+    rank = {"LoRA": lora.rank, "VeRA": vera.rank, "C³A": c3a.rank}
+    ranks = f"{lora.rank}" if len(set(rank.values())) == 1 else ", ".join(f"{k} {v}" for k, v in rank.items())
+    alpha = "2·rank" if lora.alpha is None else f"{lora.alpha:g}"
     group = parser.add_argument_group("method options (default: the registry's)")
     group.add_argument("--block-size", type=block_size,
                        help="C³A block size, an integer or 'auto' (the default: per layer, the smallest block size "
@@ -33,11 +33,11 @@ def add_method_arguments(parser: argparse.ArgumentParser, setting: str = "classi
     group.add_argument("--rank", type=positive_int,
                        help=f"LoRA / VeRA rank, and C³A's parameter budget for block size 'auto' (default {ranks})")
     group.add_argument("--alpha", type=positive_float, help=f"LoRA alpha (default {alpha})")
-    group.add_argument("--dropout", type=fraction, help=f"LoRA dropout (default {lora.get('dropout', base.dropout):g})")
+    group.add_argument("--dropout", type=fraction, help=f"LoRA dropout (default {lora.dropout:g})")
     group.add_argument("--targets", nargs="+", help="modules to adapt (default: PEFT's default for the model type)")
     group.add_argument("--init-weights", choices=INIT_WEIGHTS,
-                       help=f"C³A kernel init (default {init}; xavier_uniform is PEFT's; zeros: ΔW starts at 0, as "
-                       "LoRA's does)")
+                       help=f"C³A kernel init (default {c3a.init_weights}; xavier_uniform is PEFT's; zeros: ΔW starts "
+                       "at 0, as LoRA's does)")
 
 
 def add_save_adapter_argument(parser: argparse.ArgumentParser) -> None:
