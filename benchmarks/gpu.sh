@@ -3,8 +3,8 @@
 # compiled, and the operator grid; the same step with fp32 weights under bf16 autocast; where the DFT-as-GEMM path
 # stops paying; the per-kernel profile (with launch counts) of one layer; last, serving mixed batches with 1/8/64
 # adapters. Every C³A path is checked against float64 first.
-# Time on one H200 (docs/runs/bench-gpu-h200: gpu.log, serve.log): the first three steps finished inside 420 s, the
-# profile takes 13 s; serving is host-bound (one short decode step per token) and took 69 s for its first adapter
+# Time on one H200 (docs/runs/bench-gpu-h200: gpu.log, serve.log): the first three steps finished inside 420 s;
+# serving is host-bound (one short decode step per token) and took 69 s for its first adapter
 # count at these settings, so it is last: a run cut at a 10-minute slot loses only it.
 # Usage: benchmarks/gpu.sh [OUT_DIR]   (default: bench-gpu)
 set -euo pipefail
