@@ -4,8 +4,9 @@
 
 It makes CUDA the default device and maps the tests' CPU generators and `autocast("cpu")` to CUDA. Expected
 failures, by design (4 of the 6 in docs/runs/bench-gpu-h200/cuda-tests.log; the other 2, a test since fixed): the
-meta-device error messages name the kernels' device (cuda:0, the tests say cpu), and the dispatch tests expect the CPU's choices (the dense-delta
-path for narrow layers is picked on the CPU only; a block size twice the CPU's DFT limit is within CUDA's).
+meta-device error messages name the kernels' device (cuda:0, the tests say cpu), and the dispatch tests expect the
+CPU's choices (the dense-delta path for narrow layers is picked on the CPU only; a block size twice the CPU's DFT
+limit is within CUDA's).
 """
 
 import torch
